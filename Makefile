@@ -1,0 +1,33 @@
+# Fresh machine: `make demo` or `make test` builds .venv and installs everything first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build on this machine; GPU users install megamu into their own environment instead.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_DIR ?= runs/demo
+
+.PHONY: venv demo test test-fast bench clean
+
+$(BIN)/.installed: setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	# DeepSpeed builds from source: no CUDA ops here (they JIT on GPU machines), and the
+	# build must see the torch above rather than pull a CUDA build into an isolated env.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.3"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/python -m megamu.demo --out $(DEMO_DIR)
+
+test: venv
+	$(BIN)/python -m pytest -q tests
+
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs *.egg-info
