@@ -1,0 +1,332 @@
+"""One typed config for everything: YAML file + dotted command-line overrides, validated up front.
+
+Every error names the offending key and says how to fix it, and is raised before any model,
+process group or data is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # "llama" (RMSNorm, SwiGLU, RoPE) or "gpt2" (LayerNorm, GELU, learned positions)
+    hidden_size: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # grouped-query attention; None = n_heads
+    ffn_hidden_size: Optional[int] = None  # None: llama 8/3·h rounded up to ffn_multiple_of, gpt2 4·h
+    ffn_multiple_of: int = 64
+    seq_len: int = 256
+    vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
+    make_vocab_size_divisible_by: int = 64  # padded vocab: fast matmuls and TP-divisible
+    qk_norm: bool = False
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+
+
+@dataclass
+class MupConfig:
+    enabled: bool = True
+    base_hidden_size: int = 256  # width at which μP equals SP (m = hidden_size / base_hidden_size)
+    init_std: float = 0.02  # σ
+    input_mult: float = 1.0  # α_in: embedding output multiplier
+    output_mult: float = 1.0  # α_out: logits × α_out / m
+    attn_mult: Optional[float] = None  # α_attn: scores × α_attn / d_head; None = sqrt(base d_head) (SP at m=1)
+    zero_readout: bool = True  # readout initialised to 0 (μP default)
+    zero_query: bool = False  # query projection initialised to 0
+    scale_eps: bool = False  # Adam ε scaled by 1/m for hidden matrices
+    wd_on_embeddings: bool = False  # weight decay on embedding/readout/norms (off by default)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+    timeout_minutes: float = 10.0  # collective timeout for every process group megamu creates
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # one prefix, e.g. data/sample_text_document
+    paths: Optional[list] = None  # [w1, prefix1, w2, prefix2, ...]
+    tokenizer_model: Optional[str] = None
+    split: str = "969,30,1"
+    cache_dir: Optional[str] = None  # where sample indices are cached; None = beside the data
+    bytes_per_token: Optional[float] = None  # for bits-per-byte; None = measured from the tokenizer
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    max_steps: int = 100
+    lr: float = 3e-3  # η: base Adam LR (μP scales hidden matrices by 1/m)
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    warmup_steps: int = 10
+    schedule: str = "cosine"  # "cosine", "wsd" (warmup-stable-decay) or "constant"
+    decay_fraction: float = 0.2  # wsd: fraction of max_steps spent decaying
+    optimizer: str = "adamw"  # "adamw" or "muon" (Muon for hidden matrices, AdamW for the rest)
+    weight_decay: float = 0.0  # at the base width; μP keeps lr·wd width-independent
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 1234
+    out_dir: str = "runs/default"
+    save_interval: int = 0  # 0 = only at the end
+    eval_interval: int = 0  # 0 = only at the end
+    eval_iters: int = 4
+    resume: bool = False
+    max_bad_steps: int = 5  # consecutive non-finite steps before stopping with a checkpoint
+    deepspeed_config: Optional[str] = None  # ds_configs/zeroN.json; None = zero1
+    dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: bool = False
+
+
+@dataclass
+class LogConfig:
+    interval: int = 10
+    wandb_project: Optional[str] = None
+    wandb_mode: str = "offline"  # "online", "offline" or "disabled"
+    tensorboard: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mup: MupConfig = field(default_factory=MupConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def width_mult(self) -> float:
+        """μP's m = hidden_size / base_hidden_size."""
+        return self.model.hidden_size / self.mup.base_hidden_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.model.hidden_size // self.model.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.model.n_kv_heads or self.model.n_heads
+
+    @property
+    def ffn_hidden_size(self) -> int:
+        m = self.model
+        if m.ffn_hidden_size:
+            return m.ffn_hidden_size
+        if m.arch == "gpt2":
+            return 4 * m.hidden_size
+        raw = int(8 * m.hidden_size / 3)
+        return m.ffn_multiple_of * ((raw + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
+
+    def padded_vocab_size(self) -> int:
+        """Vocab rounded up so it divides by make_vocab_size_divisible_by · TP."""
+        if self.model.vocab_size is None:
+            raise ConfigError("model.vocab_size is unset: set it, or set data.tokenizer_model so it can be read")
+        mult = self.model.make_vocab_size_divisible_by * self.parallel.tensor
+        return ((self.model.vocab_size + mult - 1) // mult) * mult
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: Optional[int] = None, check_files: bool = True) -> "Config":
+        validate(self, world_size=world_size, check_files=check_files)
+        return self
+
+
+SECTIONS = [f.name for f in dataclasses.fields(Config)]
+
+
+# ---- loading ----------------------------------------------------------------------------
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML or command-line value to the dataclass field's type, or raise ConfigError."""
+    origin = get_origin(hint)
+    if origin is Union:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
+            return None
+        inner = [a for a in get_args(hint) if a is not type(None)][0]
+        return _coerce(value, inner, key)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "0", "off"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(as_float)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    if hint is list or origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    return value
+
+
+def _set(cfg: Config, dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{source}: '{dotted}' is not of the form section.key (sections: {', '.join(SECTIONS)})")
+    section, key = parts
+    if section not in SECTIONS:
+        raise ConfigError(f"{source}: unknown section '{section}' in '{dotted}'; sections are {', '.join(SECTIONS)}")
+    obj = getattr(cfg, section)
+    hints = get_type_hints(type(obj))
+    if key not in hints:
+        close = [k for k in hints if k.startswith(key[:3])]
+        hint = f" (did you mean {', '.join(section + '.' + c for c in close)}?)" if close else ""
+        raise ConfigError(f"{source}: unknown key '{dotted}'{hint}; valid keys: {', '.join(hints)}")
+    setattr(obj, key, _coerce(value, hints[key], dotted))
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
+    """Config from a YAML file (or defaults) plus `section.key=value` overrides. Not yet validated."""
+    cfg = Config()
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections ({', '.join(SECTIONS)})")
+        for section, values in raw.items():
+            if section not in SECTIONS:
+                raise ConfigError(f"{path}: unknown section '{section}'; sections are {', '.join(SECTIONS)}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping of keys")
+            for key, value in values.items():
+                _set(cfg, f"{section}.{key}", value, path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value (e.g. train.max_steps=20)")
+        dotted, value = item.split("=", 1)
+        _set(cfg, dotted.strip(), yaml.safe_load(value) if value else None, "command line")
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+# ---- validation ---------------------------------------------------------------------------
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
+    """Check every cross-key constraint; raise ConfigError naming the key and the fix."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    _require(m.arch in ("llama", "gpt2"), f"model.arch must be 'llama' or 'gpt2', got {m.arch!r}")
+    for key in ("hidden_size", "n_layers", "n_heads", "seq_len"):
+        _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _require(m.hidden_size % m.n_heads == 0,
+             f"model.n_heads={m.n_heads} does not divide model.hidden_size={m.hidden_size}; "
+             f"choose n_heads among the divisors of hidden_size")
+    kv = cfg.kv_heads
+    _require(kv > 0 and m.n_heads % kv == 0,
+             f"model.n_kv_heads={kv} does not divide model.n_heads={m.n_heads}; "
+             f"grouped-query attention needs n_heads to be a multiple of n_kv_heads")
+    _require(cfg.mup.base_hidden_size > 0, "mup.base_hidden_size must be positive")
+    _require(cfg.mup.init_std > 0, "mup.init_std must be positive")
+    _require(p.tensor >= 1 and p.pipeline >= 1, "parallel.tensor and parallel.pipeline must be >= 1")
+    _require(m.n_heads % p.tensor == 0,
+             f"parallel.tensor={p.tensor} does not divide model.n_heads={m.n_heads}; pick a TP size dividing it")
+    _require(kv % p.tensor == 0,
+             f"parallel.tensor={p.tensor} does not divide the kv heads ({kv}); pick a TP size dividing "
+             f"model.n_kv_heads")
+    _require(cfg.ffn_hidden_size % p.tensor == 0,
+             f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
+             f"set model.ffn_hidden_size to a multiple of it")
+    _require(m.n_layers % p.pipeline == 0 or p.pipeline == 1,
+             f"parallel.pipeline={p.pipeline} does not divide model.n_layers={m.n_layers}")
+    _require(not (p.sequence_parallel and m.seq_len % p.tensor),
+             f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
+    _require(t.schedule in ("cosine", "wsd", "constant"),
+             f"train.schedule must be 'cosine', 'wsd' or 'constant', got {t.schedule!r}")
+    _require(t.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {t.optimizer!r}")
+    _require(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be 'auto', 'fp32' or 'bf16', got {t.dtype!r}")
+    _require(t.micro_batch_size > 0 and t.global_batch_size > 0,
+             "train.micro_batch_size and train.global_batch_size must be positive")
+    _require(t.max_steps > 0, "train.max_steps must be positive")
+    _require(0 <= t.warmup_steps <= t.max_steps,
+             f"train.warmup_steps={t.warmup_steps} must lie in [0, train.max_steps={t.max_steps}]")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
+    _require(t.lr > 0, "train.lr must be positive")
+    if world_size is not None:
+        model_par = p.tensor * p.pipeline
+        _require(world_size % model_par == 0,
+                 f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = {model_par}; "
+                 f"launch a multiple of {model_par} processes")
+        dp = world_size // model_par
+        per_step = t.micro_batch_size * dp
+        _require(t.global_batch_size % per_step == 0,
+                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
+                 f"({t.micro_batch_size}) × data-parallel size ({dp}) = {per_step}; set it to a multiple of {per_step}")
+    _require(cfg.data.path is None or cfg.data.paths is None, "set only one of data.path and data.paths")
+    if cfg.data.paths is not None:
+        ps = cfg.data.paths
+        _require(len(ps) % 2 == 0 and len(ps) > 0,
+                 "data.paths must alternate weights and prefixes: [w1, prefix1, w2, prefix2, ...]")
+        for w in ps[0::2]:
+            _require(isinstance(w, (int, float)) and w > 0, f"data.paths: weight {w!r} must be a positive number")
+    if check_files:
+        for prefix in data_prefixes(cfg):
+            for ext in (".bin", ".idx"):
+                _require(os.path.isfile(prefix + ext),
+                         f"data.path: {prefix + ext} not found; run tools/preprocess_data.py or fix the prefix "
+                         f"(it is the output prefix plus _<key>_document, e.g. data/sample_text_document)")
+        if cfg.data.tokenizer_model is not None:
+            _require(os.path.isfile(cfg.data.tokenizer_model),
+                     f"data.tokenizer_model: {cfg.data.tokenizer_model} not found; train one with "
+                     f"tools/train_tokenizer.py")
+        if t.deepspeed_config is not None:
+            _require(os.path.isfile(t.deepspeed_config), f"train.deepspeed_config: {t.deepspeed_config} not found")
+
+
+def data_prefixes(cfg: Config) -> list:
+    if cfg.data.paths is not None:
+        return [str(p) for p in cfg.data.paths[1::2]]
+    return [cfg.data.path] if cfg.data.path is not None else []
