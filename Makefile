@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 
 $(BIN)/.installed: setup.py
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q --upgrade setuptools wheel
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	# DeepSpeed builds from source: no CUDA ops here (they JIT on GPU machines), and the
 	# build must see the torch above rather than pull a CUDA build into an isolated env.
