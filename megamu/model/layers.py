@@ -1,0 +1,183 @@
+"""Transformer building blocks: norms, rotary embedding, attention, MLPs, the block, the embedding layer.
+
+Every parameter is tagged with its μP role by the module that creates it (`param.mup_role`); the linear
+layers come from `megamu.parallel.layers`, and this file only picks their column/row roles.
+All multipliers (attention scale, embedding multiplier) are passed in: their values come from
+`megamu.model.mup`, the one place that knows μP.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megamu.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+
+def _norm_param(shape: int, role: str) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape))
+    param.mup_role = role
+    param.partition_dim = None
+    return param
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) · g, computed in fp32 whatever the input dtype (bf16 sums of squares lose precision)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _norm_param(dim, "norm")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with gain and bias, computed in fp32 (GPT-2 style)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = _norm_param(dim, "norm")
+        self.bias = _norm_param(dim, "bias")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
+        return out.to(x.dtype)
+
+
+def make_norm(arch: str, dim: int, eps: float) -> nn.Module:
+    return LayerNorm(dim, eps) if arch == "gpt2" else RMSNorm(dim, eps)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE on consecutive pairs (x[2i], x[2i+1]) with real arithmetic only, so torch.compile can trace it.
+
+    Equivalent to multiplying the complex number x[2i] + i·x[2i+1] by exp(i·t·θ_i), θ_i = theta^(-2i/d).
+    """
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        # Not persistent: derived from the config, so checkpoints stay free of them.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, heads, head_dim] → same shape, rotated by position."""
+        seq_len = x.shape[1]
+        cos = self.cos[:seq_len, None, :]
+        sin = self.sin[:seq_len, None, :]
+        x32 = x.float()
+        even, odd = x32[..., 0::2], x32[..., 1::2]
+        rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+        return rotated.flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA."""
+
+    def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, seq_len: int,
+                 scale: float, qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = hidden_size // n_heads
+        self.scale = scale
+        self.dropout = dropout
+        bias = arch == "gpt2"
+        kv_size = n_kv_heads * self.head_dim
+        self.q = ColumnParallelLinear(hidden_size, hidden_size, bias, role="query")
+        self.k = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in")
+        self.v = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in")
+        self.o = RowParallelLinear(hidden_size, hidden_size, bias, role="hidden_out")
+        self.q_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
+        self.k_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
+        self.rope = RotaryEmbedding(self.head_dim, seq_len, rope_theta) if arch == "llama" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.q(x).view(batch, seq_len, -1, self.head_dim)
+        k = self.k(x).view(batch, seq_len, -1, self.head_dim)
+        v = self.v(x).view(batch, seq_len, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.rope is not None:
+            q, k = self.rope(q), self.rope(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # grouped-query attention: every kv head serves `group` query heads
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                             dropout_p=self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in")
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in")
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, role="hidden_out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2 MLP: down(gelu(up(x))) with biases."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+        super().__init__()
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=True, role="hidden_in")
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=True, role="hidden_out")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, attention: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
+                 dropout: float) -> None:
+        super().__init__()
+        self.attn_norm, self.attn = attn_norm, attention
+        self.mlp_norm, self.mlp = mlp_norm, mlp
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class EmbeddingLayer(nn.Module):
+    """Token ids [B, T] → hidden [B, T, H]: token embedding (+ learned positions for GPT-2) × α_in."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, max_seq_len: Optional[int], input_mult: float,
+                 dropout: float) -> None:
+        super().__init__()
+        self.tokens = VocabParallelEmbedding(vocab_size, hidden_size)
+        self.positions = None
+        if max_seq_len is not None:
+            self.positions = nn.Parameter(torch.empty(max_seq_len, hidden_size))
+            self.positions.mup_role = "position"
+            self.positions.partition_dim = None
+        self.input_mult = input_mult
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(input_ids)
+        if self.positions is not None:
+            x = x + self.positions[: input_ids.shape[1]]
+        if self.input_mult != 1.0:
+            x = x * self.input_mult
+        return self.dropout(x)

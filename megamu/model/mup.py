@@ -1,0 +1,165 @@
+"""μP (Maximal Update Parametrization): the only module that knows it.
+
+m = hidden_size / mup.base_hidden_size. Per parameter role (tagged by the module that created it):
+
+| role                    | init std                       | Adam LR | weight decay          |
+| embedding, position     | σ                              | η       | 0 (wd_on_embeddings)  |
+| hidden_in, query        | σ/√m  (query 0 if zero_query)  | η/m     | wd·m  (lr·wd fixed)   |
+| hidden_out (attn o, MLP | σ/√m/√(2·n_layers)             | η/m     | wd·m                  |
+|   down)                 |                                |         |                       |
+| readout                 | 0 if zero_readout else σ       | η       | 0 (wd_on_embeddings)  |
+| norm / bias             | 1 / 0                          | η       | 0                     |
+
+Forward multipliers: embedding output × α_in, logits × α_out/m, attention scores × α_attn/d_head with
+α_attn = sqrt(base d_head) by default, so at m = 1 the scale is 1/sqrt(d_head).
+
+SP (mup.enabled=false) is "μP evaluated at m = 1 whatever the width": the same init rules with m = 1,
+attention 1/sqrt(d_head), logits × 1, embedding × 1, every LR η and wd unscaled. Hence at the base width
+the μP and SP models are bit-identical and take identical steps (a test checks it).
+
+LR contract for optimizers and schedules: each param group carries `lr_mult`, and its `lr` must always be
+`base_lr_at_step * group["lr_mult"]` (initially `cfg.train.lr * lr_mult`); never overwrite `lr` with the
+base LR, or μP's η/m for hidden matrices is lost.
+
+Initialisation is TP- and pipeline-invariant: every parameter's FULL tensor is drawn from a generator
+seeded by (train.seed, the parameter's qualified name), and the layer cuts its local shard out of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import torch
+from torch import nn
+
+from megamu.config import Config
+
+ROLES = ("embedding", "position", "hidden_in", "query", "hidden_out", "readout", "norm", "bias")
+HIDDEN_ROLES = ("hidden_in", "query", "hidden_out")
+# Optimizer groups: name → the roles it holds.
+GROUP_ROLES = {
+    "hidden": HIDDEN_ROLES,
+    "embedding": ("embedding", "position"),
+    "readout": ("readout",),
+    "norm_bias": ("norm", "bias"),
+}
+
+
+def width_mult(cfg: Config) -> float:
+    """μP's m; 1 under SP (SP is μP's formulas evaluated at the base width)."""
+    return cfg.width_mult if cfg.mup.enabled else 1.0
+
+
+def input_multiplier(cfg: Config) -> float:
+    """α_in, applied to the embedding output."""
+    return cfg.mup.input_mult if cfg.mup.enabled else 1.0
+
+
+def output_multiplier(cfg: Config) -> float:
+    """α_out / m, applied to the logits by the readout layer."""
+    return cfg.mup.output_mult / cfg.width_mult if cfg.mup.enabled else 1.0
+
+
+def attention_scale(cfg: Config) -> float:
+    """α_attn / d_head under μP (1/sqrt(d_head) under SP).
+
+    The default α_attn = sqrt(base d_head), base d_head = base_hidden_size / n_heads (heads are kept fixed as
+    the width grows), so the μP scale equals SP's 1/sqrt(d_head) at m = 1.
+    """
+    head_dim = cfg.head_dim
+    if not cfg.mup.enabled:
+        return 1.0 / math.sqrt(head_dim)
+    alpha = cfg.mup.attn_mult
+    if alpha is None:
+        alpha = math.sqrt(cfg.mup.base_hidden_size / cfg.model.n_heads)
+    return alpha / head_dim
+
+
+def init_std(role: str, cfg: Config) -> float:
+    """Standard deviation of the normal init for a matrix of this role (norms and biases are constants)."""
+    sigma, m = cfg.mup.init_std, width_mult(cfg)
+    if role in ("embedding", "position"):
+        return sigma
+    if role == "query":
+        return 0.0 if cfg.mup.zero_query else sigma / math.sqrt(m)
+    if role == "hidden_in":
+        return sigma / math.sqrt(m)
+    if role == "hidden_out":
+        return sigma / math.sqrt(m) / math.sqrt(2 * cfg.model.n_layers)
+    if role == "readout":
+        return 0.0 if cfg.mup.zero_readout else sigma
+    raise ValueError(f"init_std: role {role!r} is not a matrix role")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _role(param: nn.Parameter, name: str) -> str:
+    role = getattr(param, "mup_role", None)
+    if role not in ROLES:
+        raise ValueError(f"parameter {name!r} has μP role {role!r}; the module creating it must set "
+                         f"param.mup_role to one of {', '.join(ROLES)}")
+    return role
+
+
+@torch.no_grad()
+def init_parameter(param: nn.Parameter, module: nn.Module, name: str, cfg: Config) -> None:
+    """Initialise one parameter from its role; `name` (its qualified name) seeds the generator."""
+    role = _role(param, name)
+    if role in ("norm", "bias"):
+        param.fill_(1.0 if role == "norm" else 0.0)
+        return
+    full_shape = module.full_shape(param) if hasattr(module, "full_shape") else param.shape
+    std = init_std(role, cfg)
+    full = torch.zeros(full_shape, dtype=torch.float32)
+    if std > 0:
+        full.normal_(0.0, std, generator=_generator(cfg.train.seed, name))
+    local = module.local_shard(full, param) if hasattr(module, "local_shard") else full
+    param.copy_(local)
+
+
+def init_weights(model: nn.Module, cfg: Config) -> None:
+    """Initialise every parameter of `model` by μP's (or SP's) rule for its role, seeded by cfg.train.seed."""
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            qualified = f"{module_name}.{param_name}" if module_name else param_name
+            init_parameter(param, module, qualified, cfg)
+
+
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
+    """AdamW param groups: hidden (LR η/m, wd·m, optionally ε/m), embedding, readout, norm_bias (LR η).
+
+    Each group has `params`, `name`, `lr_mult`, `lr` (= cfg.train.lr · lr_mult), `weight_decay`, and `eps`
+    when mup.scale_eps is on. Groups with no parameters (e.g. on a pipeline stage without the embedding)
+    are left out. Raises ValueError if any parameter lacks a μP role.
+    """
+    m = width_mult(cfg)
+    wd = cfg.train.weight_decay
+    wd_outer = wd if cfg.mup.wd_on_embeddings else 0.0
+    settings = {
+        "hidden": {"lr_mult": 1.0 / m, "weight_decay": wd * m},
+        "embedding": {"lr_mult": 1.0, "weight_decay": wd_outer},
+        "readout": {"lr_mult": 1.0, "weight_decay": wd_outer},
+        "norm_bias": {"lr_mult": 1.0, "weight_decay": 0.0},
+    }
+    if cfg.mup.enabled and cfg.mup.scale_eps:
+        settings["hidden"]["eps"] = cfg.train.adam_eps / m
+    group_of_role = {role: group for group, roles in GROUP_ROLES.items() for role in roles}
+    members: dict[str, list[nn.Parameter]] = {group: [] for group in GROUP_ROLES}
+    for name, param in model.named_parameters():
+        members[group_of_role[_role(param, name)]].append(param)
+    groups = []
+    for group, params in members.items():
+        if params:
+            s = settings[group]
+            groups.append({"params": params, "name": group, "lr": cfg.train.lr * s["lr_mult"], **s})
+    return groups
+
+
+def parameters_by_role(model: nn.Module) -> dict[str, list[str]]:
+    """Qualified parameter names per μP role (for inspection and tests)."""
+    out: dict[str, list[str]] = {role: [] for role in ROLES}
+    for name, param in model.named_parameters():
+        out[_role(param, name)].append(name)
+    return out
