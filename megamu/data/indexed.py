@@ -140,6 +140,20 @@ class IndexedDatasetWriter:
         self.add_item(tokens)
         self.end_document()
 
+    def add_documents(self, tokens: np.ndarray, lengths: Sequence[int]) -> None:
+        """Append many one-sequence documents at once: `tokens` concatenated, `lengths` each one's size."""
+        self._check_open()
+        arr = _as_tokens(tokens, self.dtype)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if lengths.size and (lengths.min() < 0 or lengths.max() > _MAX_SEQUENCE_LENGTH):
+            raise ValueError(f"document lengths must lie in [0, {_MAX_SEQUENCE_LENGTH}]")
+        if int(lengths.sum()) != arr.size:
+            raise ValueError(f"lengths sum to {int(lengths.sum())} but {arr.size} tokens were given")
+        self._bin.write(arr.tobytes())
+        first = len(self._sizes)
+        self._sizes.extend(lengths.astype(np.int32).tolist())
+        self._doc_idx.extend(range(first + 1, first + lengths.size + 1))
+
     def merge(self, other_prefix: str) -> None:
         """Append every document of an existing dataset (same dtype) after those written so far."""
         self._check_open()
