@@ -274,3 +274,12 @@ def _decode(raw: bytes, report: ReadReport) -> str:
 def _skip(report: ReadReport, reason: str, where: str) -> None:
     report.skipped[reason] += 1
     report.first_skipped.setdefault(reason, where)
+
+
+def iter_texts(inputs: Iterable[str], json_keys: Iterable[str] = ("text",), report: Optional[ReadReport] = None,
+               skip_bad: bool = False, max_documents: Optional[int] = None) -> Iterator[str]:
+    """Texts of every document under each key in turn (inputs resolved before the first is read)."""
+    sources = resolve_inputs(inputs)
+    report = report if report is not None else ReadReport()
+    texts = (doc.text for key in json_keys for doc in iter_documents(sources, key, report, skip_bad=skip_bad))
+    return itertools.islice(texts, max_documents)

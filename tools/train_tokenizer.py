@@ -1,0 +1,46 @@
+"""Train a lossless byte-fallback BPE SentencePiece model from any supported input.
+
+    python tools/train_tokenizer.py --input sample:200 --vocab-size 4096 --model-prefix data/tok
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from megamu.data.sources import MalformedInputError, ReadReport, iter_texts
+from megamu.data.tokenizer import BOS_ID, EOD_ID, PAD_ID, UNK_ID, train_tokenizer
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, globs, directories, `sample[:N]` or a Hugging Face dataset name")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--json-keys", nargs="+", default=["text"], help="keys holding the text in JSON/table inputs")
+    p.add_argument("--max-sentences", type=int, default=100_000,
+                   help="cap on training sentences (documents or line-aligned pieces of long ones)")
+    p.add_argument("--max-documents", type=int, default=None, help="read at most this many documents")
+    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--skip-bad", action="store_true", help="skip and count malformed JSON lines instead of stopping")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    report = ReadReport()
+    try:
+        texts = iter_texts(args.input, args.json_keys, report, args.skip_bad, args.max_documents)
+        model = train_tokenizer(texts, args.model_prefix, args.vocab_size, max_sentences=args.max_sentences,
+                                character_coverage=args.character_coverage)
+    except (OSError, ValueError, KeyError, MalformedInputError) as err:
+        sys.exit(f"error: {err}")
+    skipped = ", ".join(f"{r} {n}" for r, n in sorted(report.skipped.items())) or "none"
+    print(f"wrote {model} (vocab {args.vocab_size}; ids: unk {UNK_ID}, bos {BOS_ID}, eos/eod {EOD_ID}, pad {PAD_ID})")
+    print(f"documents read {report.yielded}, skipped {sum(report.skipped.values())} ({skipped}), "
+          f"invalid UTF-8 repaired {report.invalid_utf8}")
+
+
+if __name__ == "__main__":
+    main()
