@@ -1,0 +1,99 @@
+"""Loss points to fit, and reading them from a CSV written by any trainer.
+
+The CSV has a header with `loss` and at least one of `params`, `tokens`, `flops`; `params_m`
+gives params in millions instead of `params`; `name` and `width` are optional labels.
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from megamu.scaling.fit import FitError
+
+X_KINDS = ("params", "tokens", "flops")
+
+
+@dataclass(frozen=True)
+class LossPoint:
+    """One run's loss at one point in training, with every x it can be fitted against."""
+
+    name: str
+    loss: float
+    params: Optional[float] = None
+    tokens: Optional[float] = None
+    flops: Optional[float] = None
+    width: Optional[int] = None
+    step: Optional[int] = None  # the training step the loss was read at, for run directories
+
+    def x(self, kind: str) -> float:
+        value = getattr(self, kind)
+        if value is None:
+            raise FitError(f"point {self.name!r} has no {kind}: choose another --x or add the column")
+        return value
+
+
+def read_points_csv(path: str, x_kind: str) -> list:
+    """Read loss points from a CSV, naming the file, line and column of any bad value."""
+    try:
+        with open(path, newline="") as handle:
+            rows = list(csv.DictReader(handle))
+            header = rows[0].keys() if rows else _header_of(path)
+    except OSError as exc:
+        raise FitError(f"cannot read points file {path}: {exc.strerror}") from None
+    columns = {name.strip() for name in header if name is not None}
+    _check_columns(path, columns, x_kind)
+    if not rows:
+        raise FitError(f"{path} has a header but no rows of points")
+    return [_parse_row(path, line, row, columns) for line, row in enumerate(rows, start=2)]
+
+
+def _header_of(path: str) -> list:
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
+
+
+def _check_columns(path: str, columns: set, x_kind: str) -> None:
+    if "params" in columns and "params_m" in columns:
+        raise FitError(f"{path}: both `params` and `params_m` columns given; keep one")
+    available = {"params" if c == "params_m" else c for c in columns}
+    missing = [c for c in ("loss",) if c not in available]
+    if not available & set(X_KINDS):
+        missing.append("one of params, params_m, tokens, flops")
+    elif x_kind not in available:
+        missing.append(x_kind if x_kind != "params" else "params (or params_m)")
+    if missing:
+        raise FitError(
+            f"{path}: missing column(s) {', '.join(missing)}; the header has {', '.join(sorted(columns)) or 'nothing'}"
+        )
+
+
+def _parse_row(path: str, line: int, row: dict, columns: set) -> LossPoint:
+    row = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
+
+    def number(column: str) -> Optional[float]:
+        if column not in columns or row.get(column, "") == "":
+            return None
+        try:
+            value = float(row[column])
+        except ValueError:
+            raise FitError(f"{path}:{line}: column {column} is {row[column]!r}, not a number") from None
+        if not math.isfinite(value):
+            raise FitError(f"{path}:{line}: column {column} is {row[column]}; every value must be finite")
+        return value
+
+    loss = number("loss")
+    if loss is None:
+        raise FitError(f"{path}:{line}: the loss is empty")
+    params = number("params")
+    params_m = number("params_m")
+    width = number("width")
+    return LossPoint(
+        name=row.get("name") or f"{path}:{line}",
+        loss=loss,
+        params=params_m * 1e6 if params_m is not None else params,
+        tokens=number("tokens"),
+        flops=number("flops"),
+        width=int(width) if width is not None else None,
+    )

@@ -1,0 +1,178 @@
+"""The loss-prediction workflow behind tools/predict_loss.py: fit, hold out, predict, report.
+
+`predict` returns the DESIGN.md "Predict" JSON (plus `level`, `interval_method`, residuals
+and, with two_var, the L(N, D) fit) and the fitted curve for plotting; `format_report` turns
+that JSON into the table the tool prints.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from megamu.scaling.fit import (
+    FitError,
+    PowerLawFit,
+    evaluate_holdout,
+    fit_power_law,
+    fit_two_var,
+    prediction_interval,
+    split_holdout,
+)
+from megamu.scaling.points import LossPoint
+
+FORM = "a*x^b+c"
+TWO_VAR_FORM = "E+A/N^alpha+B/D^beta"
+
+
+def predict(
+    points: Sequence[LossPoint],
+    x_kind: str = "params",
+    holdout: int = 0,
+    target: Optional[float] = None,
+    level: float = 0.9,
+    bootstrap: int = 0,
+    two_var: bool = False,
+    target_tokens: Optional[float] = None,
+    seed: int = 0,
+) -> tuple:
+    """Fit all but the `holdout` largest-x points; return (report dict, PowerLawFit)."""
+    if not 0 < level < 1:
+        raise FitError(f"--level must be between 0 and 1, got {level}")
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise FitError(f"--target must be a positive number, got {target}")
+    x = np.array([p.x(x_kind) for p in points], dtype=float)
+    loss = np.array([p.loss for p in points], dtype=float)
+    used = split_holdout(x, holdout)
+    fit = fit_power_law(x[used], loss[used])
+    held = evaluate_holdout(fit, x[~used], loss[~used], level, bootstrap, seed)
+    residuals = loss - fit.predict(x)
+
+    report = {
+        "form": FORM,
+        "x": x_kind,
+        "level": level,
+        "interval_method": "bootstrap" if bootstrap > 0 else "delta",
+        "fit": {"a": fit.a, "b": fit.b, "c": fit.c},
+        "stderr": fit.stderr or {"a": None, "b": None, "c": None},
+        "residual_std": fit.sigma if fit.dof > 0 else None,
+        "dof": fit.dof,
+        "points": [
+            {"name": p.name, "x": float(xi), "loss": p.loss, "used": bool(u), "residual": float(r) if u else None}
+            for p, xi, u, r in zip(points, x, used, residuals)
+        ],
+        "holdout": [
+            {
+                "x": h.x,
+                "actual": h.actual,
+                "predicted": h.predicted,
+                "rel_error": h.rel_error,
+                "interval": list(h.interval) if h.interval else None,
+            }
+            for h in held
+        ],
+        "prediction": _prediction(fit, target, level, bootstrap, seed),
+    }
+    if two_var:
+        report["two_var"] = _two_var_report(
+            [p for p, u in zip(points, used) if u], [p for p, u in zip(points, used) if not u],
+            target, target_tokens, level,
+        )
+    return report, fit
+
+
+def _prediction(fit: PowerLawFit, target: Optional[float], level: float, bootstrap: int, seed: int) -> Optional[dict]:
+    if target is None:
+        return None
+    interval = prediction_interval(fit, target, level, bootstrap, seed)
+    return {
+        "x": float(target),
+        "loss": float(fit.predict(target)),
+        "interval": None if interval is None else [float(interval[0, 0]), float(interval[0, 1])],
+    }
+
+
+def _two_var_report(
+    used: list, held: list, target: Optional[float], target_tokens: Optional[float], level: float
+) -> dict:
+    """Fit L(N, D) on the used points; its own holdout and prediction at (target, target_tokens)."""
+    fit = fit_two_var([p.x("params") for p in used], [p.x("tokens") for p in used], [p.loss for p in used])
+    holdout = []
+    for p in held:
+        predicted = float(fit.predict(p.x("params"), p.x("tokens"))[0])
+        lo, hi = fit.interval(p.x("params"), p.x("tokens"), level)[0]
+        holdout.append({
+            "params": p.x("params"), "tokens": p.x("tokens"), "actual": p.loss, "predicted": predicted,
+            "rel_error": (predicted - p.loss) / p.loss, "interval": [float(lo), float(hi)],
+        })
+    prediction = None
+    if target is not None:
+        if target_tokens is None:
+            raise FitError("--two-var with --target also needs --target-tokens (the token count D at the target)")
+        lo, hi = fit.interval(target, target_tokens, level)[0]
+        prediction = {
+            "params": float(target), "tokens": float(target_tokens),
+            "loss": float(fit.predict(target, target_tokens)[0]), "interval": [float(lo), float(hi)],
+        }
+    return {
+        "form": TWO_VAR_FORM,
+        "fit": {"E": fit.E, "A": fit.A, "alpha": fit.alpha, "B": fit.B, "beta": fit.beta},
+        "stderr": fit.stderr,
+        "residual_std_log": fit.sigma,
+        "holdout": holdout,
+        "prediction": prediction,
+    }
+
+
+def _pm(value: float, err: Optional[float]) -> str:
+    return f"{value:.6g} ± {err:.3g}" if err is not None else f"{value:.6g} ± n/a"
+
+
+def _interval(interval: Optional[list]) -> str:
+    return f"[{interval[0]:.5g}, {interval[1]:.5g}]" if interval else "n/a (no residual degrees of freedom)"
+
+
+def format_report(report: dict) -> str:
+    """The human-readable table: fit, points with residuals, holdout, prediction."""
+    n_used = sum(p["used"] for p in report["points"])
+    pct = f"{report['level'] * 100:g}%"
+    method = "delta method" if report["interval_method"] == "delta" else "residual bootstrap"
+    fit, err = report["fit"], report["stderr"]
+    lines = [
+        f"Fit  L = a·x^b + c  with x = {report['x']}  ({n_used} points fitted, {len(report['holdout'])} held out)",
+        f"  a = {_pm(fit['a'], err['a'])}",
+        f"  b = {_pm(fit['b'], err['b'])}",
+        f"  c = {_pm(fit['c'], err['c'])}",
+        f"  residual std = {report['residual_std']:.4g} on {report['dof']} degrees of freedom"
+        if report["residual_std"] is not None else "  exact fit: no residual degrees of freedom, no uncertainty",
+        "",
+        f"  {'name':<24} {report['x']:>12} {'loss':>9} {'used':>5} {'residual':>10}",
+    ]
+    for p in report["points"]:
+        residual = f"{p['residual']:+.4f}" if p["residual"] is not None else "held out"
+        lines.append(f"  {p['name'][:24]:<24} {p['x']:>12.4g} {p['loss']:>9.4f} {str(p['used']):>5} {residual:>10}")
+    if report["holdout"]:
+        lines += ["", f"Holdout ({pct} prediction interval, {method})",
+                  f"  {report['x']:>12} {'actual':>9} {'predicted':>9} {'rel.err':>8}  interval"]
+        for h in report["holdout"]:
+            inside = "" if not h["interval"] else ("  inside" if h["interval"][0] <= h["actual"] <= h["interval"][1]
+                                                   else "  OUTSIDE")
+            lines.append(f"  {h['x']:>12.4g} {h['actual']:>9.4f} {h['predicted']:>9.4f} "
+                         f"{h['rel_error'] * 100:>7.2f}%  {_interval(h['interval'])}{inside}")
+    if report["prediction"]:
+        pred = report["prediction"]
+        lines += ["", f"Prediction at {report['x']} = {pred['x']:.4g}: loss {pred['loss']:.5g}, "
+                      f"{pct} interval {_interval(pred['interval'])} ({method})"]
+    if "two_var" in report:
+        tv = report["two_var"]
+        lines += ["", "Two-variable fit  L = E + A/N^alpha + B/D^beta  (on log L)"]
+        lines += [f"  {k} = {_pm(v, tv['stderr'][k])}" for k, v in tv["fit"].items()]
+        for h in tv["holdout"]:
+            lines.append(f"  held out N={h['params']:.4g} D={h['tokens']:.4g}: actual {h['actual']:.4f}, predicted "
+                         f"{h['predicted']:.4f} ({h['rel_error'] * 100:+.2f}%), {pct} {_interval(h['interval'])}")
+        if tv["prediction"]:
+            p = tv["prediction"]
+            lines.append(f"  prediction at N={p['params']:.4g} D={p['tokens']:.4g}: loss {p['loss']:.5g}, "
+                         f"{pct} interval {_interval(p['interval'])}")
+    return "\n".join(lines)

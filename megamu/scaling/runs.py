@@ -1,0 +1,117 @@
+"""Read one loss point per run directory from its metrics.jsonl (DESIGN.md, "Run directory").
+
+The point is the train loss (mean of the last `smooth` train records up to the chosen step,
+since single-batch losses are noisy) or the val loss (the last eval record up to it, already an
+average over many batches, so not smoothed again: averaging evals at different steps would mix
+in the loss's own decrease). Records before `min_step` are never used.
+
+Default `min_step`: NanoLM fits losses from beyond 5k steps, where μP transfer has settled and
+the warm-up transient is over. Short runs (demos, CI, small ladders) never get there, so the
+default is min(5000, half the run's last step): long runs follow NanoLM, short ones still skip
+their first half, which holds the warm-up and the steep early drop.
+
+A run that was resumed may log a step twice; the later record (the resumed run's) wins.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Optional
+
+from megamu.scaling.fit import FitError
+from megamu.scaling.points import LossPoint
+
+NANOLM_MIN_STEP = 5000
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(run_dir: str) -> tuple:
+    """Return (meta, train records, eval records) of a run, records sorted by step."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FitError(f"run directory {run_dir} has no {METRICS_FILE}: is it a megamu run directory?")
+    meta = None
+    by_kind: dict = {"train": {}, "eval": {}}
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise FitError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            kind = record.get("kind")
+            if kind == "meta" and meta is None:
+                meta = record
+            elif kind in by_kind:
+                if "step" not in record:
+                    raise FitError(f"{path}:{line_no}: {kind} record has no step")
+                by_kind[kind][record["step"]] = record
+    if meta is None:
+        raise FitError(f"{path} has no meta record (the trainer writes it as the first line)")
+    train, evals = ([records[s] for s in sorted(records)] for records in by_kind.values())
+    return meta, train, evals
+
+
+def default_min_step(last_step: int) -> int:
+    return min(NANOLM_MIN_STEP, last_step // 2)
+
+
+def read_run_point(
+    run_dir: str,
+    metric: str = "train",
+    at_step: Optional[int] = None,
+    at_tokens: Optional[float] = None,
+    smooth: int = 1,
+    min_step: Optional[int] = None,
+) -> LossPoint:
+    """The run's loss at `at_step`, at `at_tokens`, or at its end (neither given)."""
+    if metric not in ("train", "val"):
+        raise FitError(f"metric must be train or val, got {metric!r}")
+    if at_step is not None and at_tokens is not None:
+        raise FitError("give at most one of --at-step and --at-tokens")
+    if smooth < 1:
+        raise FitError(f"--smooth must be at least 1, got {smooth}")
+    meta, train, evals = read_metrics(run_dir)
+    name = os.path.basename(os.path.normpath(run_dir))
+    records = train if metric == "train" else evals
+    if not records:
+        raise FitError(f"run {run_dir} has no {'train' if metric == 'train' else 'eval'} records")
+
+    last_step = max(r["step"] for r in train + evals)
+    if at_step is not None:
+        if last_step < at_step:
+            raise FitError(f"run {run_dir} stopped at step {last_step}, before --at-step {at_step}")
+        records = [r for r in records if r["step"] <= at_step]
+    elif at_tokens is not None:
+        reached = max(r.get("tokens", 0) for r in train + evals)
+        if reached < at_tokens:
+            raise FitError(f"run {run_dir} stopped at {reached:.4g} tokens, before --at-tokens {at_tokens:.4g}")
+        records = [r for r in records if r["tokens"] <= at_tokens]
+    floor_step = default_min_step(last_step) if min_step is None else min_step
+    records = [r for r in records if r["step"] >= floor_step]
+    if not records:
+        raise FitError(
+            f"run {run_dir} has no {metric} record between step {floor_step} (--min-step) and the chosen point: "
+            "lower --min-step or choose a later point"
+        )
+
+    loss_key = "loss" if metric == "train" else "val_loss"
+    window = records[-smooth:] if metric == "train" else records[-1:]
+    losses = [float(r[loss_key]) for r in window]
+    bad = [r["step"] for r, v in zip(window, losses) if not math.isfinite(v)]
+    if bad:
+        raise FitError(f"run {run_dir}: {metric} loss is not finite at step(s) {bad} (diverged?); drop the run")
+    last = window[-1]
+    if "params" not in meta:
+        raise FitError(f"{os.path.join(run_dir, METRICS_FILE)}: the meta record has no params")
+    return LossPoint(
+        name=name,
+        loss=sum(losses) / len(losses),
+        params=float(meta["params"]),
+        tokens=float(last["tokens"]) if "tokens" in last else None,
+        flops=float(last["flops"]) if "flops" in last else None,
+        width=meta.get("hidden_size"),
+        step=int(last["step"]),
+    )
