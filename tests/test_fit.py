@@ -1,0 +1,160 @@
+"""Power-law fitting: recovery of a known law, interval coverage, holdout, two-variable form, bad input."""
+import numpy as np
+import pytest
+
+from megamu.scaling.fit import (
+    FitError,
+    bootstrap_interval,
+    evaluate_holdout,
+    fit_power_law,
+    fit_two_var,
+    split_holdout,
+)
+
+TRUE_A, TRUE_B, TRUE_C = 30.0, -0.25, 2.0
+NOISE = 0.01
+LADDER = np.geomspace(1e6, 3e7, 8)
+TARGET = 4 * LADDER[-1]
+
+
+def law(x):
+    return TRUE_A * np.asarray(x) ** TRUE_B + TRUE_C
+
+
+def noisy(x, seed, noise=NOISE):
+    return law(x) + np.random.default_rng(seed).normal(0, noise, len(x))
+
+
+def test_fit_recovers_known_law_within_its_standard_errors():
+    x = np.geomspace(1e6, 1e9, 16)
+    fit = fit_power_law(x, noisy(x, seed=3, noise=0.002))
+    for name, truth in (("a", TRUE_A), ("b", TRUE_B), ("c", TRUE_C)):
+        estimate = getattr(fit, name)
+        assert abs(estimate - truth) < 3 * fit.stderr[name], (name, estimate, fit.stderr[name])
+    assert fit.b == pytest.approx(TRUE_B, abs=0.02)
+    assert fit.c == pytest.approx(TRUE_C, abs=0.03)
+    np.testing.assert_allclose(fit.residuals, fit.loss - fit.predict(x))
+    assert fit.sigma == pytest.approx(0.002, rel=0.5)
+
+
+def test_fit_is_exact_on_noise_free_points_in_any_units():
+    # Units from 1 to 1e12: the normalised parametrisation must not care.
+    for scale in (1e-6, 1.0, 1e3):
+        x = LADDER * scale
+        a_in_units = TRUE_A * scale ** (-TRUE_B)
+        fit = fit_power_law(x, a_in_units * x**TRUE_B + TRUE_C)
+        assert fit.b == pytest.approx(TRUE_B, rel=1e-5)
+        assert fit.c == pytest.approx(TRUE_C, rel=1e-5)
+        assert fit.a == pytest.approx(a_in_units, rel=1e-4)
+
+
+def test_delta_interval_covers_new_runs_at_about_the_nominal_rate():
+    level, seeds = 0.9, 200
+    hits = []
+    for seed in range(seeds):
+        fit = fit_power_law(LADDER, noisy(LADDER, seed))
+        actual = law(TARGET) + np.random.default_rng(10_000 + seed).normal(0, NOISE)
+        lo, hi = fit.interval(TARGET, level)[0]
+        hits.append(lo <= actual <= hi)
+    coverage = np.mean(hits)
+    # Binomial sd at n=200 is 0.021: a band of about ±3 sd around nominal.
+    assert 0.84 <= coverage <= 0.96, coverage
+
+
+def test_narrower_interval_would_fail_coverage():
+    # The coverage check must be able to fail: a 50% interval is far from covering 90%.
+    hits = []
+    for seed in range(100):
+        fit = fit_power_law(LADDER, noisy(LADDER, seed))
+        actual = law(TARGET) + np.random.default_rng(10_000 + seed).normal(0, NOISE)
+        lo, hi = fit.interval(TARGET, 0.5)[0]
+        hits.append(lo <= actual <= hi)
+    assert np.mean(hits) < 0.7
+
+
+def test_bootstrap_interval_brackets_the_prediction_with_a_sensible_width():
+    fit = fit_power_law(LADDER, noisy(LADDER, seed=1))
+    boot = bootstrap_interval(fit, TARGET, 0.9, n_resamples=200, seed=0)[0]
+    delta = fit.interval(TARGET, 0.9)[0]
+    assert boot[0] < fit.predict(TARGET) < boot[1]
+    assert 0.3 < (boot[1] - boot[0]) / (delta[1] - delta[0]) < 3
+    again = bootstrap_interval(fit, TARGET, 0.9, n_resamples=200, seed=0)[0]
+    np.testing.assert_array_equal(boot, again)  # seeded: reproducible
+    with pytest.raises(FitError, match="too few resamples"):
+        bootstrap_interval(fit, TARGET, 0.9, n_resamples=5)
+
+
+def test_holdout_drops_the_largest_x_and_scores_them():
+    x = np.array([8.0, 1.0, 32.0, 2.0, 16.0, 4.0, 64.0]) * 1e6
+    used = split_holdout(x, 2)
+    assert sorted(x[~used]) == [32e6, 64e6]
+    assert used.sum() == 5
+    loss = noisy(x, seed=7)
+    fit = fit_power_law(x[used], loss[used])
+    held = evaluate_holdout(fit, x[~used], loss[~used], 0.9)
+    for point, xi, actual in zip(held, x[~used], loss[~used]):
+        predicted = float(fit.predict(xi))
+        assert point.x == xi and point.actual == actual
+        assert point.predicted == pytest.approx(predicted)
+        assert point.rel_error == pytest.approx((predicted - actual) / actual)
+        lo, hi = point.interval
+        assert lo < predicted < hi
+    with pytest.raises(FitError, match="--holdout 7"):
+        split_holdout(x, 7)
+
+
+def test_holdout_on_an_exact_law_predicts_the_held_out_loss():
+    fit = fit_power_law(LADDER[:-1], law(LADDER[:-1]))
+    (point,) = evaluate_holdout(fit, LADDER[-1:], law(LADDER[-1:]), 0.9)
+    assert abs(point.rel_error) < 1e-6
+
+
+def test_three_points_fit_exactly_without_uncertainty():
+    x = LADDER[:3]
+    fit = fit_power_law(x, law(x))
+    assert fit.dof == 0 and fit.stderr is None
+    assert fit.interval(TARGET, 0.9) is None
+    assert bootstrap_interval(fit, TARGET, 0.9, 100) is None
+
+
+@pytest.mark.parametrize(
+    "x, loss, message",
+    [
+        ([1e6, 2e6], [3.0, 2.9], "2 point.*3 parameters"),
+        ([1e6, 2e6, 4e6, 8e6], [3.0, float("nan"), 2.8, 2.7], "finite and positive"),
+        ([1e6, 2e6, 4e6, 8e6], [3.0, float("inf"), 2.8, 2.7], "finite and positive"),
+        ([1e6, 1e6, 1e6, 1e6], [3.0, 2.9, 2.8, 2.7], "same x"),
+        ([1e6, -2e6, 4e6, 8e6], [3.0, 2.9, 2.8, 2.7], "x must be finite and positive"),
+        ([1e6, 2e6, 4e6, 8e6, 16e6], [2.0, 2.1, 2.2, 2.3, 2.4], "does not fall with x"),
+        ([1e6, 2e6, 4e6, 8e6, 16e6], [2.0] * 5, "does not fall with x"),
+    ],
+)
+def test_bad_points_raise_clear_fit_errors(x, loss, message):
+    with pytest.raises(FitError, match=message):
+        fit_power_law(x, loss)
+
+
+def two_var_law(n, d):
+    return 1.7 + 400 / n**0.34 + 410 / d**0.28
+
+
+def test_two_variable_fit_recovers_exponents_and_predicts():
+    n = np.repeat(np.geomspace(1e6, 1e8, 5), 4)
+    d = np.tile(np.geomspace(1e8, 1e10, 4), 5)
+    loss = two_var_law(n, d) * np.exp(np.random.default_rng(0).normal(0, 0.002, len(n)))
+    fit = fit_two_var(n, d, loss)
+    assert fit.alpha == pytest.approx(0.34, abs=0.03)
+    assert fit.beta == pytest.approx(0.28, abs=0.03)
+    assert fit.E == pytest.approx(1.7, abs=0.1)
+    truth = two_var_law(1e9, 2e10)
+    assert float(fit.predict(1e9, 2e10)[0]) == pytest.approx(truth, rel=0.01)
+    lo, hi = fit.interval(1e9, 2e10, 0.95)[0]
+    assert lo < fit.predict(1e9, 2e10)[0] < hi
+
+
+def test_two_variable_fit_refuses_points_that_vary_in_one_variable():
+    n = np.geomspace(1e6, 1e8, 8)
+    with pytest.raises(FitError, match="vary in both"):
+        fit_two_var(n, np.full(8, 1e9), two_var_law(n, 1e9))
+    with pytest.raises(FitError, match="5 parameters"):
+        fit_two_var(n[:4], n[:4] * 10, two_var_law(n[:4], n[:4] * 10))
