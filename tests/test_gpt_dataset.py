@@ -97,6 +97,13 @@ def test_every_document_once_per_epoch_and_reshuffled(corpus, tmp_path):
     # The fewest epochs that hold the samples: one epoch less would be too short.
     tokens_per_epoch = sum(len(documents[d][0]) for d in range(start, end))
     assert (len(epochs) - 1) * tokens_per_epoch < 200 * 9 + 1 <= len(epochs) * tokens_per_epoch
+    # Samples in stream order, boundary tokens counted once, contain every token of the first epoch in order.
+    in_stream_order = sorted(range(200), key=lambda i: int(ds.shuffle_index[i]))
+    covered = ds[in_stream_order[0]]["tokens"].tolist()
+    for i in in_stream_order[1:]:
+        covered += ds[i]["tokens"].tolist()[1:]
+    first_epoch = [t for d in epochs[0] for t in documents[d][0]]
+    assert covered[:len(first_epoch)] == first_epoch
 
 
 def test_multi_sequence_documents_stay_whole(tmp_path):
@@ -185,7 +192,7 @@ def test_second_build_hits_cache(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(gpt_dataset, "build_gpt_indices", must_not_build)
     second = GPTDataset(indexed, "train", (0, 40), 8, 30, seed=7, cache_dir=str(cache))
     assert cache_files(cache) == before
-    assert isinstance(second.shuffle_index, np.memmap)
+    assert isinstance(second.shuffle_index.base, np.memmap)  # loaded by memory map
     assert all(first[i]["tokens"].tolist() == second[i]["tokens"].tolist() for i in range(30))
 
 
@@ -214,3 +221,58 @@ def test_dataset_bytes_per_token(tmp_path):
     (tmp_path / "x_text_document.stats.json").write_text("{not json")
     with pytest.raises(ValueError, match="stats.json"):
         dataset_bytes_per_token(prefix)
+
+
+def _distributed_build(rank: int, world_size: int, prefix: str, cache: str, init_file: str, out_dir: str) -> None:
+    """One rank of test_rank_zero_builds_and_others_load (run in a forked process)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    real_build = gpt_dataset.build_gpt_indices
+    log = os.path.join(out_dir, f"rank{rank}.json")
+
+    def logged_build(*args, **kwargs):
+        with open(os.path.join(out_dir, f"built_by_{rank}"), "w"):
+            pass
+        return real_build(*args, **kwargs)
+
+    def failing_build(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    result = {}
+    gpt_dataset.build_gpt_indices = logged_build
+    ds = GPTDataset(IndexedDataset(prefix), "train", (0, 40), 8, 25, seed=11, cache_dir=cache)
+    result["tokens"] = [ds[i]["tokens"].tolist() for i in range(len(ds))]
+    gpt_dataset.build_gpt_indices = failing_build
+    try:
+        GPTDataset(IndexedDataset(prefix), "train", (0, 40), 8, 26, seed=11, cache_dir=cache)
+    except Exception as e:  # every rank must return with an error, none may hang at the barrier
+        result["error"] = f"{type(e).__name__}: {e}"
+    with open(log, "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+
+
+def test_rank_zero_builds_and_others_load(corpus, tmp_path):
+    import multiprocessing
+
+    import torch.distributed  # noqa: F401  (imported once here; forked ranks inherit it)
+
+    _, indexed = corpus
+    cache, out = str(tmp_path / "cache"), tmp_path / "out"
+    out.mkdir()
+    ctx = multiprocessing.get_context("fork")
+    ranks = [ctx.Process(target=_distributed_build,
+                         args=(r, 2, indexed.prefix, cache, str(tmp_path / "init"), str(out))) for r in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sorted(f.name for f in out.glob("built_by_*")) == ["built_by_0"]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    local = GPTDataset(indexed, "train", (0, 40), 8, 25, seed=11, cache_dir=str(tmp_path / "local"))
+    expected = [local[i]["tokens"].tolist() for i in range(25)]
+    assert results[0]["tokens"] == results[1]["tokens"] == expected
+    assert "disk full" in results[0]["error"]
+    assert results[1]["error"].startswith("FileNotFoundError") and "data.cache_dir" in results[1]["error"]

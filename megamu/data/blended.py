@@ -28,7 +28,8 @@ def build_blending_indices(weights: Sequence[float], size: int) -> dict[str, np.
     """For each stream position: which dataset (`dataset_index`) and which of its samples (`dataset_sample_index`).
 
     Each step depends on the counts so far, so this is one O(size · len(weights)) pass over
-    plain Python numbers (about 0.4 M positions/s for three datasets); the result is cached.
+    plain Python numbers (about 0.9 M positions/s for three datasets on one CPU core); the result is
+    cached.
     """
     weights = normalise_weights(weights)
     num_datasets = len(weights)

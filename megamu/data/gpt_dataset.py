@@ -165,8 +165,7 @@ class GPTDataset:
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range for the {self.split_name} dataset ({len(self)} samples)")
         j = int(self.shuffle_index[i])
-        first_pos, first_offset = (int(v) for v in self.sample_index[j])
-        last_pos, last_offset = (int(v) for v in self.sample_index[j + 1])
+        (first_pos, first_offset), (last_pos, last_offset) = self.sample_index[j:j + 2].tolist()
         get, sequence = self.indexed.get, self.document_index
         if first_pos == last_pos:
             parts = [get(int(sequence[first_pos]), first_offset, last_offset - first_offset + 1)]

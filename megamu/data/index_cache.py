@@ -105,4 +105,5 @@ def load_or_build(cache_dir: str, stem: str, names: tuple[str, ...],
         raise FileNotFoundError(f"sample index cache file {missing[0]} is missing after rank 0 built it: rank 0 "
                                 f"failed (see its error), or data.cache_dir is not on a filesystem shared by all "
                                 f"ranks; set data.cache_dir to a shared directory")
-    return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    # Plain ndarray views of the maps: np.memmap's Python-level indexing costs more than the read.
+    return {name: np.load(path, mmap_mode="r").view(np.ndarray) for name, path in paths.items()}
