@@ -22,7 +22,8 @@ def build_datasets(cfg: Config, num_samples: dict[str, int]) -> dict[str, Datase
     """Datasets for each of 'train', 'valid', 'test' asked for with num_samples > 0.
 
     One prefix (data.path) gives GPTDatasets; several (data.paths) give a BlendedDataset per
-    split, each prefix split by data.split on its own documents.
+    split, each prefix split by data.split on its own documents. Under torch.distributed this is
+    collective: every rank calls it (rank 0 builds missing index caches while the others wait).
     """
     unknown = sorted(set(num_samples) - set(SPLIT_NAMES))
     if unknown:
