@@ -276,3 +276,18 @@ def test_rank_zero_builds_and_others_load(corpus, tmp_path):
     assert results[0]["tokens"] == results[1]["tokens"] == expected
     assert "disk full" in results[0]["error"]
     assert results[1]["error"].startswith("FileNotFoundError") and "data.cache_dir" in results[1]["error"]
+
+
+def test_preprocessed_corpus_end_to_end(tiny_dataset_prefix, tiny_tokenizer):
+    cfg = config_for(tiny_dataset_prefix, split="9,1,0")
+    cfg.model.seq_len = 32
+    datasets = build_datasets(cfg, {"train": 40, "valid": 8})
+    indexed = datasets["train"].indexed
+    stream = np.concatenate([indexed[int(s)] for s in datasets["valid"].document_index]).astype(np.int64)
+    valid = datasets["valid"]
+    for i in range(len(valid)):
+        j = int(valid.shuffle_index[i])
+        assert valid[i]["tokens"].tolist() == stream[j * 32: j * 32 + 33].tolist()
+    assert all(t < tiny_tokenizer.vocab_size for t in datasets["train"][0]["tokens"].tolist())
+    bytes_per_token = dataset_bytes_per_token(tiny_dataset_prefix)
+    assert bytes_per_token is not None and 1.0 < bytes_per_token < 8.0
