@@ -1,0 +1,197 @@
+"""Inputs to the loss predictor (run directories, CSV) and tools/predict_loss.py end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from megamu.scaling.fit import FitError
+from megamu.scaling.points import read_points_csv
+from megamu.scaling.runs import read_run_point
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(REPO, "tools", "predict_loss.py")
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import predict_loss  # noqa: E402  (the tool's main, called in-process for the fast cases)
+
+TOKENS_PER_STEP = 4096
+
+
+def final_loss_law(params: float) -> float:
+    return 30.0 * params**-0.25 + 2.0
+
+
+def write_run(run_dir, params, steps=200, log_every=10, eval_every=50, seed=0, extra_lines=()):
+    """A metrics.jsonl as the trainer writes it: loss decays from a transient to the law's value."""
+    rng = np.random.default_rng(seed)
+    floor = final_loss_law(params)
+    lines = [{"kind": "meta", "params": params, "non_embedding_params": params * 0.8,
+              "flops_per_token": 6 * params, "hidden_size": int(params**0.5), "n_layers": 4,
+              "tp": 1, "pp": 1, "dp": 1}]
+    for step in range(log_every, steps + 1, log_every):
+        tokens = step * TOKENS_PER_STEP
+        loss = floor + 3.0 * math.exp(-step / 20) + rng.normal(0, 0.002)
+        lines.append({"kind": "train", "step": step, "tokens": tokens, "flops": 6 * params * tokens,
+                      "loss": loss, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1e4, "mfu": 0.1, "time_s": step})
+        if step % eval_every == 0:
+            lines.append({"kind": "eval", "step": step, "tokens": tokens, "flops": 6 * params * tokens,
+                          "val_loss": loss + 0.05})
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as handle:
+        for record in lines + list(extra_lines):
+            handle.write((record if isinstance(record, str) else json.dumps(record)) + "\n")
+    return [r for r in lines if r["kind"] == "train"], [r for r in lines if r["kind"] == "eval"]
+
+
+def test_final_point_is_the_mean_of_the_last_w_train_losses(tmp_path):
+    train, _ = write_run(tmp_path / "w64", params=2e6)
+    point = read_run_point(str(tmp_path / "w64"), smooth=5)
+    assert point.loss == pytest.approx(np.mean([r["loss"] for r in train[-5:]]))
+    assert (point.name, point.params, point.step) == ("w64", 2e6, 200)
+    assert point.tokens == 200 * TOKENS_PER_STEP and point.flops == 6 * 2e6 * point.tokens
+    assert point.width == int(2e6**0.5)
+
+
+def test_point_at_a_step_or_token_count(tmp_path):
+    train, evals = write_run(tmp_path / "run", params=2e6)
+    by_step = {r["step"]: r for r in train}
+    at_step = read_run_point(str(tmp_path / "run"), at_step=155, smooth=3)
+    assert at_step.step == 150
+    assert at_step.loss == pytest.approx(np.mean([by_step[s]["loss"] for s in (130, 140, 150)]))
+    at_tokens = read_run_point(str(tmp_path / "run"), at_tokens=120 * TOKENS_PER_STEP, smooth=1)
+    assert at_tokens.step == 120 and at_tokens.loss == by_step[120]["loss"]
+    val = read_run_point(str(tmp_path / "run"), metric="val", at_step=180)
+    assert val.step == 150 and val.loss == evals[2]["val_loss"]
+
+
+def test_min_step_skips_the_transient_by_default(tmp_path):
+    train, _ = write_run(tmp_path / "run", params=2e6)
+    # Default min step for a 200-step run is 100: a 50-record window must not reach before it.
+    point = read_run_point(str(tmp_path / "run"), smooth=50)
+    assert point.loss == pytest.approx(np.mean([r["loss"] for r in train if r["step"] >= 100]))
+    with pytest.raises(FitError, match="between step 100 .--min-step."):
+        read_run_point(str(tmp_path / "run"), at_step=60)
+    early = read_run_point(str(tmp_path / "run"), at_step=60, min_step=0, smooth=1)
+    assert early.step == 60
+
+
+def test_resumed_run_uses_the_later_record_of_a_repeated_step(tmp_path):
+    resumed = {"kind": "train", "step": 200, "tokens": 200 * TOKENS_PER_STEP, "flops": 1.0, "loss": 1.2345}
+    write_run(tmp_path / "run", params=2e6, extra_lines=[resumed])
+    assert read_run_point(str(tmp_path / "run"), smooth=1).loss == 1.2345
+
+
+@pytest.mark.parametrize(
+    "extra, kwargs, message",
+    [
+        ([{"kind": "train", "step": 210, "tokens": 1, "flops": 1, "loss": float("nan")}], {}, "not finite at step"),
+        (["{not json"], {}, r"metrics.jsonl:\d+: not valid JSON"),
+        ([], {"at_step": 500}, "stopped at step 200, before --at-step 500"),
+        ([], {"at_tokens": 1e12}, "before --at-tokens"),
+        ([], {"smooth": 0}, "--smooth must be at least 1"),
+    ],
+)
+def test_bad_run_directories_raise_clear_errors(tmp_path, extra, kwargs, message):
+    write_run(tmp_path / "run", params=2e6, extra_lines=extra)
+    with pytest.raises(FitError, match=message):
+        read_run_point(str(tmp_path / "run"), **kwargs)
+
+
+def test_run_directory_without_metrics_is_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FitError, match=f"{tmp_path / 'empty'} has no metrics.jsonl"):
+        read_run_point(str(tmp_path / "empty"))
+
+
+def write_csv(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_csv_points_with_params_in_millions(tmp_path):
+    path = write_csv(tmp_path / "p.csv", "name,params_m,tokens,loss,width\nsmall,1.5,1e9,3.1,64\n,3,2e9,2.9,\n")
+    small, unnamed = read_points_csv(path, "params")
+    assert (small.name, small.params, small.tokens, small.loss, small.width) == ("small", 1.5e6, 1e9, 3.1, 64)
+    assert unnamed.name == f"{path}:3" and unnamed.params == 3e6 and unnamed.width is None
+
+
+@pytest.mark.parametrize(
+    "text, x_kind, message",
+    [
+        ("name,params\na,1e6\n", "params", "missing column.*loss"),
+        ("name,loss\na,3.0\n", "params", "missing column.*one of params, params_m, tokens, flops"),
+        ("params,loss\n1e6,3.0\n", "tokens", "missing column.*tokens"),
+        ("params,params_m,loss\n1e6,1,3.0\n", "params", "both `params` and `params_m`"),
+        ("params,loss\n1e6,3.0\n2e6,abc\n", "params", r"p.csv:3: column loss is 'abc', not a number"),
+        ("params,loss\n1e6,nan\n", "params", r"p.csv:2: column loss is nan; every value must be finite"),
+        ("params,loss\n", "params", "no rows"),
+    ],
+)
+def test_bad_csv_names_the_problem(tmp_path, text, x_kind, message):
+    with pytest.raises(FitError, match=message):
+        read_points_csv(write_csv(tmp_path / "p.csv", text), x_kind)
+
+
+def test_tool_end_to_end_on_run_directories(tmp_path):
+    params = [1e6 * 2**i for i in range(6)]
+    run_dirs = [str(tmp_path / f"w{i}") for i in range(6)]
+    for seed, (run_dir, n) in enumerate(zip(run_dirs, params)):
+        write_run(run_dir, params=n, seed=seed)
+    out_json, out_png = tmp_path / "fit.json", tmp_path / "fit.png"
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, TOOL, *run_dirs, "--holdout", "1", "--target", "1e9", "--smooth", "5",
+         "--json", str(out_json), "--plot", str(out_png)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Holdout" in result.stdout and "Prediction at params = 1e+09" in result.stdout
+    report = json.loads(out_json.read_text())
+    assert report["form"] == "a*x^b+c" and report["x"] == "params"
+    assert set(report["fit"]) == set(report["stderr"]) == {"a", "b", "c"}
+    assert [p["used"] for p in report["points"]] == [True] * 5 + [False]
+    assert all(set(p) >= {"x", "loss", "used"} for p in report["points"])
+    (held,) = report["holdout"]
+    assert set(held) == {"x", "actual", "predicted", "rel_error", "interval"}
+    assert held["x"] == params[-1] and abs(held["rel_error"]) < 0.01
+    assert held["interval"][0] < held["predicted"] < held["interval"][1]
+    prediction = report["prediction"]
+    assert prediction["x"] == 1e9 and prediction["interval"][0] < prediction["loss"] < prediction["interval"][1]
+    assert prediction["loss"] == pytest.approx(final_loss_law(1e9), rel=0.02)
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    missing = str(tmp_path / "no_such_run")
+    os.makedirs(missing)
+    failed = subprocess.run([sys.executable, TOOL, *run_dirs[:3], missing], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert failed.returncode == 2
+    assert f"error: run directory {missing} has no metrics.jsonl" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+def test_tool_reports_bad_input_with_exit_code_2(tmp_path, capsys):
+    csv = write_csv(tmp_path / "p.csv", "name,tokens,loss\na,1e9,3.0\nb,2e9,2.9\nc,4e9,2.8\n")
+    assert predict_loss.main(["--points", csv]) == 2
+    assert "missing column(s) params (or params_m)" in capsys.readouterr().err
+    assert predict_loss.main(["--points", csv, "--x", "tokens", "--holdout", "1"]) == 2
+    assert "2 point(s) to fit but the form has 3 parameters" in capsys.readouterr().err
+
+
+def test_tool_two_variable_fit_from_csv(tmp_path, capsys):
+    n = np.repeat(np.geomspace(1e6, 1e8, 4), 3)
+    d = np.tile(np.geomspace(1e8, 1e10, 3), 4)
+    loss = 1.7 + 400 / n**0.34 + 410 / d**0.28
+    rows = "".join(f"{ni},{di},{li}\n" for ni, di, li in zip(n, d, loss))
+    csv = write_csv(tmp_path / "nd.csv", "params,tokens,loss\n" + rows)
+    out = tmp_path / "nd.json"
+    assert predict_loss.main(["--points", csv, "--two-var", "--target", "1e9", "--target-tokens", "2e10",
+                              "--json", str(out)]) == 0
+    two_var = json.loads(out.read_text())["two_var"]
+    assert two_var["fit"]["alpha"] == pytest.approx(0.34, abs=0.01)
+    assert two_var["prediction"]["loss"] == pytest.approx(1.7 + 400 / 1e9**0.34 + 410 / 2e10**0.28, rel=1e-3)
+    assert "Two-variable fit" in capsys.readouterr().out
+    assert predict_loss.main(["--points", csv, "--two-var", "--target", "1e9"]) == 2
+    assert "--target-tokens" in capsys.readouterr().err
