@@ -25,7 +25,7 @@ from megamu.data.sources import Document, ReadReport, iter_documents, resolve_in
 from megamu.data.tokenizer import Tokenizer
 
 CHUNK_DOCUMENTS = 256
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 256 << 10  # small enough to balance the workers to the end of the input
 IN_FLIGHT_PER_WORKER = 4  # enough to keep workers busy while the main process reads and writes
 
 
