@@ -1,0 +1,191 @@
+"""Process groups for tensor (TP), pipeline (PP) and data (DP) parallelism.
+
+Rank order follows Megatron: TP varies fastest, then DP, then PP, so the ranks of a TP group
+are neighbours (same node, fastest links) and
+
+    rank = tp_rank + TP * (dp_rank + DP * pp_rank),   DP = world_size / (TP * PP).
+
+Every group is created with the configured timeout: a sub-group created without one keeps
+the backend's default, and survivors of a dead rank would block that long.
+
+Tensor-parallel layers use `get_tensor_model_parallel_group()` / `_rank()` / `_world_size()`;
+`ParallelState` is also the `mpu` object `deepspeed.initialize(mpu=...)` expects.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Pure rank arithmetic for a (TP, DP, PP) grid; no process groups involved."""
+
+    world_size: int
+    tensor: int = 1
+    pipeline: int = 1
+
+    def __post_init__(self) -> None:
+        if self.world_size % (self.tensor * self.pipeline):
+            raise ValueError(f"world size {self.world_size} is not divisible by tensor ({self.tensor}) "
+                             f"x pipeline ({self.pipeline})")
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline)
+
+    def rank_of(self, tp: int, dp: int, pp: int) -> int:
+        return tp + self.tensor * (dp + self.data * pp)
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(tp_rank, dp_rank, pp_rank) of a global rank."""
+        tp = rank % self.tensor
+        dp = (rank // self.tensor) % self.data
+        pp = rank // (self.tensor * self.data)
+        return tp, dp, pp
+
+    def tensor_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, d, p) for t in range(self.tensor)]
+                for p in range(self.pipeline) for d in range(self.data)]
+
+    def data_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, d, p) for d in range(self.data)]
+                for p in range(self.pipeline) for t in range(self.tensor)]
+
+    def pipeline_groups(self) -> list[list[int]]:
+        return [[self.rank_of(t, d, p) for p in range(self.pipeline)]
+                for d in range(self.data) for t in range(self.tensor)]
+
+    def model_groups(self) -> list[list[int]]:
+        """TP x PP ranks holding one full model replica (Megatron's "model parallel" group)."""
+        return [[self.rank_of(t, d, p) for p in range(self.pipeline) for t in range(self.tensor)]
+                for d in range(self.data)]
+
+
+class ParallelState:
+    """This rank's process groups; also DeepSpeed's `mpu` interface."""
+
+    def __init__(self, layout: ParallelLayout, rank: int, timeout: datetime.timedelta) -> None:
+        self.layout = layout
+        self.rank = rank
+        self.tp_rank, self.dp_rank, self.pp_rank = layout.coords(rank)
+        # new_group is collective: every rank creates every group, in the same order.
+        self.tensor_group = self._own_group(layout.tensor_groups(), timeout)
+        self.data_group = self._own_group(layout.data_groups(), timeout)
+        self.pipeline_group = self._own_group(layout.pipeline_groups(), timeout)
+        self.model_group = self._own_group(layout.model_groups(), timeout)
+        self.data_group_ranks = next(r for r in layout.data_groups() if rank in r)
+
+    def _own_group(self, all_ranks: list[list[int]], timeout: datetime.timedelta) -> dist.ProcessGroup:
+        mine = None
+        for ranks in all_ranks:
+            group = dist.new_group(ranks, timeout=timeout)
+            if self.rank in ranks:
+                mine = group
+        assert mine is not None, f"rank {self.rank} is in no group of {all_ranks}"
+        return mine
+
+    # ---- tensor parallel (used by TP layers) ---------------------------------------------
+    def get_tensor_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.tensor_group
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self.layout.tensor
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        """Global rank of TP rank 0 in this rank's TP group (the broadcast source)."""
+        return self.rank - self.tp_rank
+
+    # ---- pipeline parallel ---------------------------------------------------------------
+    def get_pipeline_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.pipeline_group
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self.pp_rank
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self.layout.pipeline
+
+    # ---- data parallel -------------------------------------------------------------------
+    def get_data_parallel_group(self) -> dist.ProcessGroup:
+        return self.data_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.layout.data
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return list(self.data_group_ranks)
+
+    # ---- model parallel = TP x PP (DeepSpeed sums gradient norms over this group) ----------
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.model_group
+
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank + self.layout.tensor * self.pp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.layout.tensor * self.layout.pipeline
+
+
+_STATE: Optional[ParallelState] = None
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ensure_launcher_env() -> None:
+    """A plain `python -m megamu.train` is a world of one; without these variables DeepSpeed
+    would go looking for MPI."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: float = 10.0) -> ParallelState:
+    """Start torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) and build the groups.
+
+    Safe to call again in the same process (tests do): the default group is reused and the
+    sub-groups are rebuilt for the requested layout.
+    """
+    global _STATE
+    import deepspeed  # deferred: importing deepspeed takes seconds
+
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    _ensure_launcher_env()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend=default_backend(), timeout=timeout, verbose=False)
+    layout = ParallelLayout(dist.get_world_size(), tensor, pipeline)
+    _STATE = ParallelState(layout, dist.get_rank(), timeout)
+    return _STATE
+
+
+def get_parallel_state() -> ParallelState:
+    if _STATE is None:
+        raise RuntimeError("parallel state is not initialised: call megamu.parallel.initialize_parallel first")
+    return _STATE
+
+
+def is_initialized() -> bool:
+    return _STATE is not None

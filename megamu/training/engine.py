@@ -1,0 +1,59 @@
+"""deepspeed.initialize on megamu's model, μP param groups and process groups."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from megamu.config import Config
+from megamu.parallel.state import ParallelState
+from megamu.training.guards import NonFiniteStepGate
+from megamu.training.optim import build_optimizer, restore_lr_mults
+
+
+@dataclass
+class Engine:
+    """The DeepSpeed engine plus what the loop needs next to it."""
+
+    engine: Any  # deepspeed.DeepSpeedEngine
+    gate: NonFiniteStepGate
+    zero_stage: int
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The groups whose `lr` the schedule sets (ZeRO wrappers expose the inner optimizer's)."""
+        return self.engine.optimizer.param_groups
+
+    def unreduced_grad_norm(self) -> float:
+        """Global gradient norm before clipping, for ZeRO 0 where DeepSpeed does not report one.
+
+        Called between the last backward and step(); gradients are already averaged over DP.
+        """
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        if not grads:
+            return 0.0
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def _innermost_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer whose step() changes weights: ZeRO and the bf16 wrapper keep it in `.optimizer`."""
+    inner = ds_optimizer
+    while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
+        inner = inner.optimizer
+    return inner
+
+
+def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Engine:
+    import deepspeed
+    from megamu.model import build_model
+
+    model = build_model(cfg)
+    optimizer = build_optimizer(model, cfg)
+    reference = [{"name": g["name"], "lr_mult": g["lr_mult"]} for g in optimizer.param_groups]
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=state)
+    restore_lr_mults(engine.optimizer, reference)
+    if cfg.train.compile:
+        engine.compile()
+    gate = NonFiniteStepGate(_innermost_optimizer(ds_optimizer), state.get_data_parallel_group())
+    return Engine(engine=engine, gate=gate, zero_stage=engine.zero_optimization_stage())

@@ -1,0 +1,267 @@
+"""The training loop: config checks, engine, data, steps, evaluation, checkpoints, metrics.
+
+`train(cfg)` runs on every rank (one process per rank, launched by `deepspeed` or torchrun-like
+env vars; a plain process is a world of one) and returns a summary dict.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megamu.config import Config, ConfigError, data_prefixes, save_config
+from megamu.training import checkpoint
+from megamu.training.ds_config import build_ds_config, resolve_dtype, zero_stage
+from megamu.training.engine import Engine, build_engine
+from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
+from megamu.training.metrics import RunLogger, bits_per_byte, mfu, plot_loss_curve
+from megamu.training.schedule import apply_lr, base_lr
+
+
+def prepare_config(cfg: Config, world_size: int) -> Config:
+    """Fill model.vocab_size from the tokenizer and validate everything, before any allocation."""
+    if cfg.model.vocab_size is None:
+        if cfg.data.tokenizer_model is None:
+            raise ConfigError("model.vocab_size is unset and data.tokenizer_model is unset: set one of them "
+                              "(the vocabulary size is read from the tokenizer)")
+        if not os.path.isfile(cfg.data.tokenizer_model):
+            raise ConfigError(f"data.tokenizer_model: {cfg.data.tokenizer_model} not found; train one with "
+                              f"tools/train_tokenizer.py")
+        from megamu.data.tokenizer import Tokenizer
+        cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
+    cfg.validate(world_size)
+    if not data_prefixes(cfg):
+        raise ConfigError("no training data: set data.path (one prefix) or data.paths ([w1, prefix1, ...])")
+    return cfg
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _bytes_per_token(cfg: Config) -> Optional[float]:
+    """Bytes per token of the (blended) data, for bits per byte; None when unknown."""
+    if cfg.data.bytes_per_token:
+        return cfg.data.bytes_per_token
+    from megamu.data import dataset_bytes_per_token
+
+    prefixes = data_prefixes(cfg)
+    weights = [float(w) for w in cfg.data.paths[0::2]] if cfg.data.paths else [1.0]
+    per_prefix = [dataset_bytes_per_token(p) for p in prefixes]
+    if any(b is None for b in per_prefix):
+        return None
+    return sum(w * b for w, b in zip(weights, per_prefix)) / sum(weights)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done (skipped ones included: their data is consumed)
+    skipped_steps: int = 0
+    train_losses: list = field(default_factory=list)
+    last_eval: Optional[dict] = None
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        from megamu.data import build_datasets
+        from megamu.model import flops_per_token, param_counts
+        from megamu.parallel import initialize_parallel
+
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.cfg = prepare_config(cfg, world_size)
+        dp_size = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+        self.ds_config = build_ds_config(cfg, dp_size)  # refuses bad combinations before any allocation
+        t = cfg.train
+        self.state = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_minutes)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.is_writer = self.rank == 0
+        self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        if self.is_writer:
+            os.makedirs(t.out_dir, exist_ok=True)
+            save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
+
+        _seed_everything(t.seed)
+        self.datasets = build_datasets(cfg, {"train": t.max_steps * t.global_batch_size,
+                                             "valid": t.eval_iters * t.global_batch_size})
+        self.bytes_per_token = _bytes_per_token(cfg)
+        self.model = build_engine(cfg, self.ds_config, self.state)
+        self.device = self.model.engine.device
+        self.tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        self.flops_per_token = flops_per_token(cfg)
+        self.on_gpu = torch.cuda.is_available()
+        counts = param_counts(cfg)
+        self.meta = {
+            "params": counts["total"], "non_embedding_params": counts["non_embedding"],
+            "flops_per_token": self.flops_per_token, "hidden_size": cfg.model.hidden_size,
+            "n_layers": cfg.model.n_layers, "tp": cfg.parallel.tensor, "pp": cfg.parallel.pipeline,
+            "dp": self.state.get_data_parallel_world_size(), "n_heads": cfg.model.n_heads,
+            "seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size,
+            "global_batch_size": t.global_batch_size, "max_steps": t.max_steps, "lr": t.lr,
+            "schedule": t.schedule, "optimizer": t.optimizer, "mup": cfg.mup.enabled,
+            "width_mult": cfg.width_mult, "zero_stage": zero_stage(self.ds_config), "dtype": resolve_dtype(cfg),
+            "world_size": self.world_size,
+        }
+
+    # ---- data -----------------------------------------------------------------------------
+    def _batches(self, split: str, num_samples: int, consumed: int = 0):
+        from megamu.data.sampler import DistributedBatchSampler, make_dataloader
+
+        t = self.cfg.train
+        sampler = DistributedBatchSampler(num_samples, t.global_batch_size, t.micro_batch_size,
+                                          self.state.get_data_parallel_rank(),
+                                          self.state.get_data_parallel_world_size(), consumed_samples=consumed)
+        return sampler, make_dataloader(self.datasets[split], sampler)
+
+    def _dp_mean(self, total: float, count: int) -> float:
+        buf = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(buf, group=self.state.get_data_parallel_group())
+        return float(buf[0] / buf[1])
+
+    # ---- one optimizer step ---------------------------------------------------------------
+    def _train_step(self, step: int, batches: Iterator[torch.Tensor]) -> tuple[float, Optional[float], bool]:
+        engine, t = self.model.engine, self.cfg.train
+        lr = base_lr(step, t)
+        apply_lr(self.model.param_groups, lr)
+        micro_losses = []
+        accumulation = engine.gradient_accumulation_steps()
+        for micro_step in range(accumulation):
+            tokens = next(batches).to(self.device, non_blocking=True)
+            loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+            engine.backward(loss)
+            micro_losses.append(loss.detach().float())
+            if micro_step < accumulation - 1:
+                engine.step()  # DeepSpeed counts micro steps here; it updates only at the boundary
+        loss = self._dp_mean(float(torch.stack(micro_losses).sum()), len(micro_losses))
+        loss_bad = not math.isfinite(loss)
+        grad_norm = self.model.unreduced_grad_norm() if self.model.zero_stage == 0 else None
+        self.model.gate.begin_step(loss_is_bad=loss_bad)
+        engine.step()
+        reported = engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
+        bad = loss_bad or self.model.gate.skipped_last_step or not is_finite(grad_norm)
+        return loss, grad_norm, bad
+
+    # ---- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        t = self.cfg.train
+        if t.eval_iters <= 0 or "valid" not in self.datasets:
+            return None
+        engine = self.model.engine
+        engine.eval()
+        _, loader = self._batches("valid", t.eval_iters * t.global_batch_size)
+        total, count = 0.0, 0
+        for tokens in loader:
+            tokens = tokens.to(self.device, non_blocking=True)
+            total += float(engine(tokens[:, :-1], labels=tokens[:, 1:]))
+            count += 1
+        engine.train()
+        val_loss = self._dp_mean(total, count)
+        return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.bytes_per_token)}
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def _save(self, progress: Progress, sampler: Any) -> None:
+        client_state = {"step": progress.step, "skipped_steps": progress.skipped_steps,
+                        "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
+                        "flops": progress.step * self.tokens_per_step * self.flops_per_token}
+        checkpoint.save_checkpoint(self.model.engine, self.ckpt_dir, progress.step, client_state)
+
+    def _resume(self, progress: Progress) -> int:
+        """Load the newest complete checkpoint if asked to; returns the samples already consumed."""
+        if not self.cfg.train.resume:
+            return 0
+        client = checkpoint.load_checkpoint(self.model.engine, self.ckpt_dir)
+        if client is None:
+            return 0
+        progress.step = int(client["step"])
+        progress.skipped_steps = int(client["skipped_steps"])
+        return int(client["sampler"]["consumed_samples"])
+
+    # ---- the run --------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        progress = Progress()
+        consumed = self._resume(progress)
+        start_step = progress.step
+        sampler, loader = self._batches("train", t.max_steps * t.global_batch_size, consumed)
+        batches = iter(loader)
+        last_step = t.stop_at_step or t.max_steps
+        logger = RunLogger(cfg, self.meta, self.is_writer, start_step)
+        if start_step:
+            logger.message(f"resumed from {checkpoint.tag_for(start_step)} in {self.ckpt_dir}")
+        guard = BadStepCounter(t.max_bad_steps)
+        run_start = window_start = time.perf_counter()
+        window_steps = 0
+        try:
+            while progress.step < last_step:
+                loss, grad_norm, bad = self._train_step(progress.step, batches)
+                progress.step += 1
+                window_steps += 1
+                progress.train_losses.append(loss)
+                stop = guard.record(bad)
+                progress.skipped_steps += int(bad)
+                if bad:
+                    logger.message(f"step {progress.step}: non-finite loss or gradients (loss {loss}, grad norm "
+                                   f"{grad_norm}); update skipped ({guard.consecutive} in a row)")
+                logger.advance()
+                if progress.step % cfg.log.interval == 0 or progress.step == last_step:
+                    now = time.perf_counter()
+                    tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
+                    remaining = (last_step - progress.step) * (now - window_start) / window_steps
+                    logger.log_train(self._train_record(progress, loss, grad_norm, tokens_per_s, now - run_start),
+                                     eta_s=remaining)
+                    window_start, window_steps = now, 0
+                if stop:
+                    self._save(progress, sampler)
+                    raise TrainingDiverged(
+                        f"{guard.consecutive} consecutive steps with non-finite loss or gradients (train.max_bad_steps="
+                        f"{t.max_bad_steps}) at step {progress.step}; saved checkpoint "
+                        f"{checkpoint.tag_for(progress.step)} in {self.ckpt_dir}. Lower train.lr or raise "
+                        f"train.warmup_steps, then resume with train.resume=true")
+                at_end = progress.step == last_step
+                if (t.eval_interval and progress.step % t.eval_interval == 0) or at_end:
+                    progress.last_eval = self.evaluate()
+                    if progress.last_eval is not None:
+                        logger.log_eval({**self._counters(progress.step), **progress.last_eval})
+                if (t.save_interval and progress.step % t.save_interval == 0) or at_end:
+                    self._save(progress, sampler)
+        finally:
+            logger.close()
+        if self.is_writer:
+            plot_loss_curve(t.out_dir)
+        return self._summary(progress, start_step)
+
+    def _counters(self, step: int) -> dict[str, Any]:
+        tokens = step * self.tokens_per_step
+        return {"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token}
+
+    def _train_record(self, progress: Progress, loss: float, grad_norm: Optional[float], tokens_per_s: float,
+                      elapsed: float) -> dict[str, Any]:
+        return {**self._counters(progress.step), "loss": loss if math.isfinite(loss) else None,
+                "lr": base_lr(progress.step - 1, self.cfg.train),
+                "grad_norm": grad_norm if is_finite(grad_norm) else None, "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.on_gpu), "time_s": elapsed}
+
+    def _summary(self, progress: Progress, start_step: int) -> dict[str, Any]:
+        evaluation = progress.last_eval or {}
+        return {**self._counters(progress.step), "run_dir": self.cfg.train.out_dir, "start_step": start_step,
+                "train_losses": progress.train_losses,
+                "final_loss": progress.train_losses[-1] if progress.train_losses else None,
+                "val_loss": evaluation.get("val_loss"), "val_bpb": evaluation.get("val_bpb"),
+                "skipped_steps": progress.skipped_steps}
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Train per `cfg` on this rank; returns a summary (steps, tokens, flops, losses, val_loss, skipped_steps)."""
+    return Trainer(cfg).run()
