@@ -72,6 +72,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 8
     max_steps: int = 100
+    stop_at_step: int = 0  # >0: stop after this step with a checkpoint (e.g. a job time limit); schedule spans max_steps
     lr: float = 3e-3  # η: base Adam LR (μP scales hidden matrices by 1/m)
     min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
     warmup_steps: int = 10
@@ -291,6 +292,8 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(t.micro_batch_size > 0 and t.global_batch_size > 0,
              "train.micro_batch_size and train.global_batch_size must be positive")
     _require(t.max_steps > 0, "train.max_steps must be positive")
+    _require(0 <= t.stop_at_step <= t.max_steps,
+             f"train.stop_at_step={t.stop_at_step} must lie in [0, train.max_steps={t.max_steps}] (0 = no early stop)")
     _require(0 <= t.warmup_steps <= t.max_steps,
              f"train.warmup_steps={t.warmup_steps} must lie in [0, train.max_steps={t.max_steps}]")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
