@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megamu.data.indexed import IndexedDataset
-from megamu.data.preprocess import preprocess
-from megamu.data.sources import iter_texts
-from megamu.data.tokenizer import Tokenizer, train_tokenizer
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # runnable from a checkout, installed or not
+
+from megamu.data.indexed import IndexedDataset  # noqa: E402
+from megamu.data.preprocess import preprocess  # noqa: E402
+from megamu.data.sources import iter_texts  # noqa: E402
+from megamu.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 SECTION = "## Data pipeline (issue 2)"
 RAW_CHUNK = 8  # texts per task when measuring the limit: small, so both processes stay busy to the end
 REPEATS = 3  # best of: other jobs share this machine's cores

@@ -2,7 +2,10 @@
 sentences, and clear errors for unreadable models."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -84,3 +87,12 @@ def test_too_small_vocab_says_what_to_change(tmp_path):
 def test_no_training_text(tmp_path):
     with pytest.raises(ValueError, match="no training text"):
         train_tokenizer([], str(tmp_path / "t"), vocab_size=300)
+
+
+def test_command_line_tool(tmp_path):
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_tokenizer.py")
+    out = subprocess.run([sys.executable, tool, "--input", "sample:3", "--vocab-size", "400", "--model-prefix",
+                          str(tmp_path / "cli")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "eos/eod 2" in out.stdout and "documents read 3" in out.stdout
+    assert Tokenizer(str(tmp_path / "cli.model")).vocab_size == 400

@@ -8,11 +8,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-from megamu.data.preprocess import merge, preprocess
-from megamu.data.sources import MalformedInputError
+# Runnable as `python tools/X.py` from a checkout, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamu.data.preprocess import merge, preprocess  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -48,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         summaries = preprocess(args.input, args.output_prefix, args.tokenizer_model, args.json_keys,
                                workers=args.workers, append_eod=args.append_eod, skip_bad=args.skip_bad,
                                max_documents=args.max_documents, progress=not args.no_progress)
-    except (OSError, ValueError, KeyError, MalformedInputError) as err:
+    except (OSError, ValueError) as err:  # MalformedInputError is a ValueError
         sys.exit(f"error: {err}")
     for summary in summaries.values():
         print(summary.format())

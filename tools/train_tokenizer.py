@@ -5,11 +5,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
-from megamu.data.sources import MalformedInputError, ReadReport, iter_texts
-from megamu.data.tokenizer import BOS_ID, EOD_ID, PAD_ID, UNK_ID, train_tokenizer
+# Runnable as `python tools/X.py` from a checkout, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamu.data.sources import ReadReport, iter_texts  # noqa: E402
+from megamu.data.tokenizer import BOS_ID, EOD_ID, PAD_ID, UNK_ID, train_tokenizer  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -34,7 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         texts = iter_texts(args.input, args.json_keys, report, args.skip_bad, args.max_documents)
         model = train_tokenizer(texts, args.model_prefix, args.vocab_size, max_sentences=args.max_sentences,
                                 character_coverage=args.character_coverage)
-    except (OSError, ValueError, KeyError, MalformedInputError) as err:
+    except (OSError, ValueError) as err:  # MalformedInputError is a ValueError
         sys.exit(f"error: {err}")
     skipped = ", ".join(f"{r} {n}" for r, n in sorted(report.skipped.items())) or "none"
     print(f"wrote {model} (vocab {args.vocab_size}; ids: unk {UNK_ID}, bos {BOS_ID}, eos/eod {EOD_ID}, pad {PAD_ID})")

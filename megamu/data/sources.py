@@ -8,7 +8,7 @@ reason; invalid UTF-8 is decoded with replacement characters and counted.
 
 Input forms:
     path.jsonl / path.json   one JSON object per line; the text is under `key`
-    path.txt                 the whole file is one document
+    path.txt (or .py)        the whole file is one document
     path.parquet             one document per row, column `key`
     DIR                      a `datasets` save_to_disk directory, otherwise every supported file
                              below it (recursively, sorted)
@@ -115,7 +115,8 @@ def _resolve(spec: str) -> list[Source]:
         return [_file_source(p) for p in files]
     if os.path.isfile(spec):
         return [_file_source(spec)]
-    if spec.endswith(FILE_SUFFIXES) or os.sep in spec.rstrip(os.sep) and os.path.exists(os.path.dirname(spec)):
+    looks_like_path = spec.endswith(FILE_SUFFIXES) or (os.sep in spec and os.path.isdir(os.path.dirname(spec)))
+    if looks_like_path:
         raise FileNotFoundError(f"input file {spec} not found")
     return [_hf_source(spec)]
 
@@ -188,7 +189,7 @@ def _parquet_rows(path: str, key: str) -> Iterator[tuple[int, Any]]:
     table = pq.ParquetFile(path)
     columns = table.schema_arrow.names
     if key not in columns:
-        raise KeyError(f"{path}: no column {key!r}; columns are {columns}; pass --json-keys with one of them")
+        raise ValueError(f"{path}: no column {key!r}; columns are {columns}; pass --json-keys with one of them")
     row = 0
     for batch in table.iter_batches(columns=[key], batch_size=1024):
         for value in batch.column(0).to_pylist():
@@ -199,12 +200,15 @@ def _parquet_rows(path: str, key: str) -> Iterator[tuple[int, Any]]:
 def _dataset_rows(data: Any, name: str, key: str) -> Iterator[tuple[int, Any]]:
     features = getattr(data, "features", None)
     if features is not None and key not in features:
-        raise KeyError(f"{name}: no column {key!r}; columns are {list(features)}; pass --json-keys with one of them")
+        raise ValueError(f"{name}: no column {key!r}; columns are {list(features)}; pass --json-keys with one of them")
     for row, record in enumerate(data, start=1):
         yield row, record.get(key)
 
 
 # ---- documents ---------------------------------------------------------------------------------
+_SKIP = object()  # a record already counted as skipped
+
+
 def iter_documents(sources: Iterable[Source], key: str = "text", report: Optional[ReadReport] = None,
                    skip_bad: bool = False, max_documents: Optional[int] = None) -> Iterator[Document]:
     """Documents from the sources in order, under `key` for keyed inputs; counts go to `report`."""
@@ -241,8 +245,6 @@ def _source_documents(source: Source, key: str, report: ReadReport, skip_bad: bo
         report.yielded += 1
         yield Document(value, source.name, line, nbytes)
 
-
-_SKIP = object()
 
 
 def _json_value(raw: bytes, key: str, where: str, report: ReadReport, skip_bad: bool) -> Any:
