@@ -195,3 +195,17 @@ def test_tool_two_variable_fit_from_csv(tmp_path, capsys):
     assert "Two-variable fit" in capsys.readouterr().out
     assert predict_loss.main(["--points", csv, "--two-var", "--target", "1e9"]) == 2
     assert "--target-tokens" in capsys.readouterr().err
+
+
+def test_tool_bootstrap_interval_from_csv(tmp_path):
+    params = np.geomspace(1e6, 3e7, 7)
+    loss = final_loss_law(params) + np.random.default_rng(2).normal(0, 0.01, len(params))
+    csv = write_csv(tmp_path / "p.csv", "params,loss\n" + "".join(f"{n},{v}\n" for n, v in zip(params, loss)))
+    out = tmp_path / "boot.json"
+    assert predict_loss.main(["--points", csv, "--holdout", "1", "--target", "1e8", "--bootstrap", "200",
+                              "--level", "0.95", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["interval_method"] == "bootstrap" and report["level"] == 0.95
+    lo, hi = report["prediction"]["interval"]
+    assert lo < report["prediction"]["loss"] < hi
+    assert report["holdout"][0]["interval"][0] < report["holdout"][0]["predicted"] < report["holdout"][0]["interval"][1]

@@ -13,7 +13,6 @@ import numpy as np
 
 from megamu.scaling.fit import (
     FitError,
-    PowerLawFit,
     evaluate_holdout,
     fit_power_law,
     fit_two_var,
@@ -46,7 +45,11 @@ def predict(
     loss = np.array([p.loss for p in points], dtype=float)
     used = split_holdout(x, holdout)
     fit = fit_power_law(x[used], loss[used])
-    held = evaluate_holdout(fit, x[~used], loss[~used], level, bootstrap, seed)
+    # One interval computation for held-out points and target: a bootstrap is then run once.
+    eval_x = np.append(x[~used], [] if target is None else [target])
+    intervals = prediction_interval(fit, eval_x, level, bootstrap, seed) if len(eval_x) else None
+    n_held = int((~used).sum())
+    held = evaluate_holdout(fit, x[~used], loss[~used], None if intervals is None else intervals[:n_held])
     residuals = loss - fit.predict(x)
 
     report = {
@@ -72,7 +75,11 @@ def predict(
             }
             for h in held
         ],
-        "prediction": _prediction(fit, target, level, bootstrap, seed),
+        "prediction": None if target is None else {
+            "x": float(target),
+            "loss": float(fit.predict(target)),
+            "interval": None if intervals is None else [float(intervals[-1, 0]), float(intervals[-1, 1])],
+        },
     }
     if two_var:
         report["two_var"] = _two_var_report(
@@ -80,17 +87,6 @@ def predict(
             target, target_tokens, level,
         )
     return report, fit
-
-
-def _prediction(fit: PowerLawFit, target: Optional[float], level: float, bootstrap: int, seed: int) -> Optional[dict]:
-    if target is None:
-        return None
-    interval = prediction_interval(fit, target, level, bootstrap, seed)
-    return {
-        "x": float(target),
-        "loss": float(fit.predict(target)),
-        "interval": None if interval is None else [float(interval[0, 0]), float(interval[0, 1])],
-    }
 
 
 def _two_var_report(
@@ -137,7 +133,7 @@ def format_report(report: dict) -> str:
     """The human-readable table: fit, points with residuals, holdout, prediction."""
     n_used = sum(p["used"] for p in report["points"])
     pct = f"{report['level'] * 100:g}%"
-    method = "delta method" if report["interval_method"] == "delta" else "residual bootstrap"
+    method = "delta method" if report["interval_method"] == "delta" else "studentized residual bootstrap"
     fit, err = report["fit"], report["stderr"]
     lines = [
         f"Fit  L = a·x^b + c  with x = {report['x']}  ({n_used} points fitted, {len(report['holdout'])} held out)",
