@@ -78,7 +78,8 @@ def sample_files(limit: Optional[int] = None) -> list[str]:
     found = []
     for directory, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if d not in ("site-packages", "dist-packages", "__pycache__")]
-        found.extend(os.path.relpath(os.path.join(directory, f), root) for f in files if f.endswith(".py"))
+        rel_dir = directory[len(root) + 1:]  # os.path.relpath per file costs more than the walk
+        found.extend(os.path.join(rel_dir, f) for f in files if f.endswith(".py"))
     found.sort()
     if limit is not None:
         found = found[:limit]
