@@ -141,11 +141,10 @@ def test_tool_end_to_end_on_run_directories(tmp_path):
     for seed, (run_dir, n) in enumerate(zip(run_dirs, params)):
         write_run(run_dir, params=n, seed=seed)
     out_json, out_png = tmp_path / "fit.json", tmp_path / "fit.png"
-    env = dict(os.environ, PYTHONPATH=REPO)
     result = subprocess.run(
         [sys.executable, TOOL, *run_dirs, "--holdout", "1", "--target", "1e9", "--smooth", "5",
          "--json", str(out_json), "--plot", str(out_png)],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "Holdout" in result.stdout and "Prediction at params = 1e+09" in result.stdout
@@ -166,7 +165,7 @@ def test_tool_end_to_end_on_run_directories(tmp_path):
     missing = str(tmp_path / "no_such_run")
     os.makedirs(missing)
     failed = subprocess.run([sys.executable, TOOL, *run_dirs[:3], missing], capture_output=True, text=True,
-                            env=env, timeout=120)
+                            cwd=tmp_path, timeout=120)
     assert failed.returncode == 2
     assert f"error: run directory {missing} has no metrics.jsonl" in failed.stderr
     assert "Traceback" not in failed.stderr

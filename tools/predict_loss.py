@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional
 
-from megamu.scaling.fit import FitError
-from megamu.scaling.plot import plot_prediction
-from megamu.scaling.points import X_KINDS, read_points_csv
-from megamu.scaling.predict import format_report, predict
-from megamu.scaling.runs import read_run_point
+# Runnable as `python tools/X.py` from a checkout, installed or not.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamu.scaling.fit import FitError  # noqa: E402
+from megamu.scaling.plot import plot_prediction  # noqa: E402
+from megamu.scaling.points import X_KINDS, read_points_csv  # noqa: E402
+from megamu.scaling.predict import format_report, predict  # noqa: E402
+from megamu.scaling.runs import read_run_point  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
