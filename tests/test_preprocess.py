@@ -74,6 +74,8 @@ def test_jsonl_bad_records_are_counted_by_reason(tmp_path, tiny_tokenizer):
         "",
         {"text": "good two\n"},
     ])
+    docs = list(iter_documents(resolve_inputs([path])))
+    assert [(d.source, d.line) for d in docs] == [(path, 1), (path, 7), (path, 9)]  # where each came from
     s = run(tmp_path, [path], tiny_tokenizer)
     assert s.documents_written == 3 and s.documents_read == 9
     assert s.skipped == {"missing_key": 2, "empty": 3, "not_text": 1}
@@ -215,3 +217,10 @@ def test_command_line_tools(tmp_path, tiny_tokenizer):
                           str(tmp_path / "x"), "--tokenizer-model", tiny_tokenizer.model_path],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "nope.jsonl not found" in bad.stderr
+
+    merged = str(tmp_path / "twice_text_document")
+    both = subprocess.run([sys.executable, tool, "--merge", str(tmp_path / "cli_text_document"),
+                           str(tmp_path / "cli_text_document"), "--output-prefix", merged],
+                          capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr
+    assert "6 documents" in both.stdout and len(IndexedDataset(merged)) == 6

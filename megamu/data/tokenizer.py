@@ -14,8 +14,9 @@ byte fallback for characters outside the learned vocabulary. So decode(encode(te
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence, Union
 
+import numpy as np
 import sentencepiece as spm
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -141,8 +142,8 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
         return self._sp.encode(list(texts), num_threads=num_threads)
 
-    def decode(self, ids: Sequence[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Union[Sequence[int], np.ndarray]) -> str:
+        return self._sp.decode(ids.tolist() if isinstance(ids, np.ndarray) else [int(i) for i in ids])
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(int(token_id))
