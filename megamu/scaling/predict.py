@@ -140,13 +140,13 @@ def format_report(report: dict) -> str:
         f"  a = {_pm(fit['a'], err['a'])}",
         f"  b = {_pm(fit['b'], err['b'])}",
         f"  c = {_pm(fit['c'], err['c'])}",
-        f"  residual std = {report['residual_std']:.4g} on {report['dof']} degrees of freedom"
+        f"  residual std = {report['residual_std']:.4g} on {report['dof']} degree(s) of freedom"
         if report["residual_std"] is not None else "  exact fit: no residual degrees of freedom, no uncertainty",
         "",
         f"  {'name':<24} {report['x']:>12} {'loss':>9} {'used':>5} {'residual':>10}",
     ]
     for p in report["points"]:
-        residual = f"{p['residual']:+.4f}" if p["residual"] is not None else "held out"
+        residual = f"{p['residual']:+.2e}" if p["residual"] is not None else "held out"
         lines.append(f"  {p['name'][:24]:<24} {p['x']:>12.4g} {p['loss']:>9.4f} {str(p['used']):>5} {residual:>10}")
     if report["holdout"]:
         lines += ["", f"Holdout ({pct} prediction interval, {method})",
