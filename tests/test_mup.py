@@ -12,6 +12,15 @@ from megamu.model.mup import ROLES
 ARCHS = [(), ("model.arch=gpt2", "model.qk_norm=true"), ("model.n_kv_heads=2", "model.qk_norm=true")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: with 2+ threads on a busy machine, thread hand-offs cost more than the math.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def cfg_at(width: int, *overrides: str, base: int = 64):
     return load_config(None, ["model.vocab_size=64", f"model.hidden_size={width}", "model.n_heads=4",
                               "model.n_layers=2", "model.seq_len=16", f"mup.base_hidden_size={base}",

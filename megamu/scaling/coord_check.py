@@ -1,0 +1,168 @@
+"""Coordinate check: does every activation's size stay width-independent during training?
+
+For each width, build the model (μP or SP), take a few AdamW steps with `mup.param_groups` on the same
+batches, and record mean |activation| per module per step through forward hooks: step 0 is the forward
+pass at init, step s the forward pass after s updates. Under μP every curve of log mean|act| against
+log width is flat; under SP the logits (and, with larger LRs, the hidden activations) grow with width.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from megamu.config import Config, ConfigError
+from megamu.model import build_model, mup
+from megamu.model.layers import Block, EmbeddingLayer
+from megamu.parallel.layers import ParallelReadout
+
+
+def fill_vocab_size(cfg: Config) -> None:
+    """Set model.vocab_size from data.tokenizer_model when it is unset."""
+    if cfg.model.vocab_size is not None:
+        return
+    if cfg.data.tokenizer_model is None:
+        raise ConfigError("model.vocab_size is unset and there is no data.tokenizer_model to read it from; "
+                          "set one of them (e.g. model.vocab_size=256 for random tokens)")
+    from megamu.data.tokenizer import Tokenizer
+
+    cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
+
+
+def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Optional[str] = None,
+                  seed: int = 0) -> list[torch.Tensor]:
+    """`n_batches` LongTensors [batch_size, seq_len + 1]: consecutive windows of the tokenized documents at
+    `data_prefix` (a .bin/.idx prefix), or deterministic uniform random tokens when it is None."""
+    window = cfg.model.seq_len + 1
+    needed = n_batches * batch_size * window
+    if data_prefix is None:
+        generator = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, cfg.model.vocab_size, (needed,), generator=generator)
+    else:
+        from megamu.data.indexed import IndexedDataset
+
+        pieces, total = [], 0
+        with IndexedDataset(data_prefix) as dataset:
+            for i in range(len(dataset)):
+                pieces.append(np.asarray(dataset[i], dtype=np.int64))
+                total += len(pieces[-1])
+                if total >= needed:
+                    break
+        if total < needed:
+            raise ConfigError(f"{data_prefix}: has {total} tokens, the coordinate check needs {needed} "
+                              f"({n_batches} batches × {batch_size} × (seq_len+1)); lower model.seq_len or "
+                              f"train.micro_batch_size, or use more data")
+        tokens = torch.from_numpy(np.concatenate(pieces)[:needed])
+        if int(tokens.max()) >= cfg.model.vocab_size:
+            raise ConfigError(f"{data_prefix}: token id {int(tokens.max())} ≥ model.vocab_size "
+                              f"{cfg.model.vocab_size}; use the tokenizer the data was made with")
+    return list(tokens.view(n_batches, batch_size, window))
+
+
+def width_config(cfg: Config, width: int, mup_enabled: bool) -> Config:
+    """`cfg` at another width (heads fixed, an explicit MLP width scaled along), μP on or off."""
+    out = copy.deepcopy(cfg)
+    if cfg.model.ffn_hidden_size is not None:
+        out.model.ffn_hidden_size = round(cfg.model.ffn_hidden_size * width / cfg.model.hidden_size)
+    out.model.hidden_size = width
+    out.mup.enabled = mup_enabled
+    if width % cfg.model.n_heads:
+        raise ConfigError(f"width {width} is not divisible by model.n_heads={cfg.model.n_heads}")
+    return out
+
+
+def watched_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name → module whose output the check records, for every block plus embedding and logits."""
+    watched: dict[str, nn.Module] = {}
+    block_index = 0
+    for layer in model.layers:
+        if isinstance(layer, EmbeddingLayer):
+            watched["embedding"] = layer
+        elif isinstance(layer, Block):
+            watched[f"block{block_index}.attn"] = layer.attn
+            watched[f"block{block_index}.mlp"] = layer.mlp
+            watched[f"block{block_index}.residual"] = layer
+            block_index += 1
+        elif isinstance(layer, ParallelReadout):
+            watched["logits"] = layer
+    return watched
+
+
+def _width_records(cfg: Config, batches: Sequence[torch.Tensor], steps: int) -> list[dict]:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(mup.param_groups(model, cfg), betas=(cfg.train.beta1, cfg.train.beta2),
+                                  eps=cfg.train.adam_eps)
+    vocab, step_now, records = cfg.model.vocab_size, 0, []
+
+    def hook(name: str):
+        def record(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+            value = output[..., :vocab] if name == "logits" else output  # padded logits carry no signal
+            records.append({"width": cfg.model.hidden_size, "step": step_now, "module": name,
+                            "mean_abs": value.detach().abs().mean().item()})
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in watched_modules(model).items()]
+    try:
+        for step_now in range(steps + 1):
+            batch = batches[step_now % len(batches)]
+            loss = model(batch[:, :-1], labels=batch[:, 1:])
+            if step_now < steps:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return records
+
+
+def run_coord_check(cfg: Config, widths: Sequence[int], steps: int, batches: Sequence[torch.Tensor],
+                    mup_enabled: bool = True) -> dict:
+    """Train `steps` AdamW steps at every width on `batches`; returns the DESIGN.md coordinate-check JSON:
+    {"parametrization", "widths", "records": [{"width", "step", "module", "mean_abs"}]}."""
+    if cfg.model.vocab_size is None:
+        raise ConfigError("model.vocab_size is unset: set it or data.tokenizer_model")
+    records: list[dict] = []
+    for width in widths:
+        records.extend(_width_records(width_config(cfg, width, mup_enabled), batches, steps))
+    return {"parametrization": "mup" if mup_enabled else "sp", "widths": list(widths), "records": records}
+
+
+def slopes(result: dict, step: int) -> dict[str, float]:
+    """Per module, the least-squares slope of log(mean |act|) against log(width) at `step`."""
+    by_module: dict[str, list[tuple[float, float]]] = {}
+    for r in result["records"]:
+        if r["step"] == step:
+            by_module.setdefault(r["module"], []).append((math.log(r["width"]), math.log(max(r["mean_abs"], 1e-30))))
+    if not by_module:
+        raise ValueError(f"no records at step {step}")
+    return {module: float(np.polyfit(*zip(*points), 1)[0]) for module, points in by_module.items()}
+
+
+def plot(result: dict, path: str) -> None:
+    """Log-log PNG: one panel per step, mean |act| against width, one line per module."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = sorted({r["step"] for r in result["records"]})
+    modules = list(dict.fromkeys(r["module"] for r in result["records"]))
+    fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.6), sharey=True, squeeze=False)
+    for ax, step in zip(axes[0], steps):
+        for module in modules:
+            points = sorted((r["width"], r["mean_abs"]) for r in result["records"]
+                            if r["step"] == step and r["module"] == module)
+            ax.plot(*zip(*points), marker="o", label=module)
+        ax.set(xscale="log", yscale="log", title=f"step {step}", xlabel="width")
+    axes[0][0].set_ylabel("mean |activation|")
+    axes[0][-1].legend(fontsize=6, loc="best")
+    fig.suptitle(f"coordinate check ({result['parametrization']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,135 @@
+"""Coordinate check: flat under μP, growing under SP, and not flat when one μP rule is broken."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from megamu.config import ConfigError, load_config
+from megamu.model import mup
+from megamu.scaling import coord_check
+
+WIDTHS = [64, 128, 256, 512]
+STEPS = 3
+FLAT = 0.25  # μP: |slope| of log mean|act| vs log width; measured ≤ 0.16 over seeds, broken rules give ≥ 0.5
+GROWING = 0.5
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("coord_check_tool", ROOT / "tools" / "coord_check.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: with 2+ threads on a busy machine, thread hand-offs cost more than the math.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cfg():
+    # Tiny vocabulary and one short sequence per step: the updates stay correlated with the activations
+    # they act on, so finite-width noise does not swamp the width trend at these small widths.
+    return load_config(None, ["model.vocab_size=32", "model.n_layers=2", "model.n_heads=4", "model.seq_len=16",
+                              "model.hidden_size=64", "mup.base_hidden_size=64", "train.lr=3e-3"])
+
+
+@pytest.fixture(scope="module")
+def batches():
+    return coord_check.token_batches(small_cfg(), STEPS + 1, batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def mup_result(batches):
+    return coord_check.run_coord_check(small_cfg(), WIDTHS, STEPS, batches, mup_enabled=True)
+
+
+@pytest.fixture(scope="module")
+def sp_result(batches):
+    return coord_check.run_coord_check(small_cfg(), WIDTHS, STEPS, batches, mup_enabled=False)
+
+
+def test_records_cover_every_block_module_width_and_step(mup_result):
+    assert mup_result["parametrization"] == "mup" and mup_result["widths"] == WIDTHS
+    expected_modules = {"embedding", "logits"} | {f"block{i}.{part}" for i in range(2)
+                                                  for part in ("attn", "mlp", "residual")}
+    keys = {(r["width"], r["step"], r["module"]) for r in mup_result["records"]}
+    assert keys == {(w, s, m) for w in WIDTHS for s in range(STEPS + 1) for m in expected_modules}
+    assert all(set(r) == {"width", "step", "module", "mean_abs"} for r in mup_result["records"])
+    logits_at_init = [r["mean_abs"] for r in mup_result["records"] if r["module"] == "logits" and r["step"] == 0]
+    assert logits_at_init == [0.0] * len(WIDTHS)  # zero-initialised readout
+    json.dumps(mup_result)
+
+
+def test_mup_is_flat_after_training_steps(mup_result):
+    for step in range(STEPS + 1):
+        slopes = coord_check.slopes(mup_result, step)
+        assert max(abs(s) for s in slopes.values()) < FLAT, (step, slopes)
+
+
+def test_sp_logits_grow_with_width(sp_result):
+    slopes = coord_check.slopes(sp_result, STEPS)
+    assert slopes["logits"] > GROWING, slopes
+    assert slopes["block1.mlp"] > GROWING, slopes
+
+
+def _breaking(monkeypatch, rule: str) -> None:
+    if rule == "logits_not_divided_by_m":
+        monkeypatch.setattr(mup, "output_multiplier", lambda cfg: cfg.mup.output_mult)
+    else:  # hidden matrices trained at η instead of η/m
+        make_groups = mup.param_groups
+
+        def unscaled_groups(model, cfg):
+            groups = make_groups(model, cfg)
+            for group in groups:
+                group["lr_mult"], group["lr"] = 1.0, cfg.train.lr
+            return groups
+
+        monkeypatch.setattr(mup, "param_groups", unscaled_groups)
+
+
+@pytest.mark.parametrize("rule", ["logits_not_divided_by_m", "hidden_lr_not_divided_by_m"])
+def test_breaking_one_mup_rule_makes_the_check_fail(monkeypatch, batches, rule):
+    _breaking(monkeypatch, rule)
+    result = coord_check.run_coord_check(small_cfg(), WIDTHS, STEPS, batches, mup_enabled=True)
+    slopes = coord_check.slopes(result, STEPS)
+    assert max(slopes.values()) > GROWING, slopes
+
+
+def test_tool_writes_json_and_plot(tmp_path, capsys):
+    out_json, out_png = tmp_path / "coord.json", tmp_path / "coord.png"
+    argv = ["--widths", "32,64", "--steps", "1", "--sp", "--batch-size", "1", "--json", str(out_json),
+            "--plot", str(out_png), "model.vocab_size=32", "model.n_layers=1", "model.n_heads=2",
+            "model.seq_len=8", "mup.base_hidden_size=32"]
+    assert load_tool().main(argv) == 0
+    result = json.loads(out_json.read_text())
+    assert result["parametrization"] == "sp" and result["widths"] == [32, 64]
+    assert {r["step"] for r in result["records"]} == {0, 1}
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+    assert "logits" in capsys.readouterr().out
+
+
+def test_tool_reports_a_missing_vocab_size(tmp_path, capsys):
+    assert load_tool().main(["--json", str(tmp_path / "x.json")]) == 2
+    assert "model.vocab_size" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_real_batches_come_from_an_indexed_dataset(tmp_path):
+    from megamu.data.indexed import IndexedDatasetWriter
+
+    prefix = str(tmp_path / "toy")
+    with IndexedDatasetWriter(prefix, "uint16") as writer:
+        for doc in ([1, 2, 3, 4, 5], [6, 7, 8], list(range(9, 30))):
+            writer.add_document(doc)
+    cfg = load_config(None, ["model.vocab_size=32", "model.seq_len=4"])
+    batches = coord_check.token_batches(cfg, n_batches=2, batch_size=2, data_prefix=prefix)
+    assert [b.tolist() for b in batches] == [[[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]],
+                                             [[11, 12, 13, 14, 15], [16, 17, 18, 19, 20]]]
+    with pytest.raises(ConfigError, match="needs 40"):
+        coord_check.token_batches(cfg, n_batches=4, batch_size=2, data_prefix=prefix)

@@ -1,0 +1,62 @@
+"""Coordinate check: mean |activation| per module per step across widths, as JSON and a log-log plot.
+
+    python tools/coord_check.py --config configs/tiny.yaml --widths 64,128,256,512 --steps 3 \
+        --json coord_mup.json --plot coord_mup.png [--sp] [--data PREFIX] [section.key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megamu.config import ConfigError, load_config  # noqa: E402
+from megamu.scaling import coord_check  # noqa: E402
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (model shape, mup.*, train.lr, ...)")
+    parser.add_argument("--widths", default="64,128,256,512", help="comma-separated hidden sizes")
+    parser.add_argument("--steps", type=int, default=3, help="AdamW steps to take (step 0 = at init)")
+    parser.add_argument("--sp", action="store_true", help="standard parametrization instead of μP")
+    parser.add_argument("--data", help=".bin/.idx prefix to draw batches from (default: data.path, else "
+                                       "random tokens)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default: train.micro_batch_size)")
+    parser.add_argument("--json", required=True, help="output JSON path")
+    parser.add_argument("--plot", help="output PNG path")
+    parser.add_argument("overrides", nargs="*", help="config overrides, section.key=value")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        widths = [int(w) for w in args.widths.split(",") if w]
+    except ValueError:
+        print(f"error: --widths must be comma-separated integers, got {args.widths!r}", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+        coord_check.fill_vocab_size(cfg)
+        cfg.validate(check_files=False)
+        batch_size = args.batch_size or cfg.train.micro_batch_size
+        batches = coord_check.token_batches(cfg, args.steps + 1, batch_size, args.data or cfg.data.path)
+        result = coord_check.run_coord_check(cfg, widths, args.steps, batches, mup_enabled=not args.sp)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    if args.plot:
+        coord_check.plot(result, args.plot)
+    print(f"{result['parametrization']}: slope of log mean|act| vs log width at step {args.steps}")
+    for module, slope in coord_check.slopes(result, args.steps).items():
+        print(f"  {module:20s} {slope:+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
