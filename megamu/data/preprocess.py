@@ -21,7 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
-from megamu.data.sources import Document, ReadReport, iter_documents, resolve_inputs
+from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
 
 CHUNK_DOCUMENTS = 256
@@ -123,8 +123,11 @@ def _chunks(documents: Iterable[Document]) -> Iterator[list[Document]]:
         yield chunk
 
 
+Encoded = tuple[list[Document], np.ndarray, np.ndarray]  # a chunk, its tokens concatenated, their lengths
+
+
 def _encoded_in_order(chunks: Iterator[list[Document]], tokenizer: Tokenizer, pool: Optional[Pool],
-                      eod_id: Optional[int], dtype: np.dtype, workers: int) -> Iterator[tuple[list[Document], np.ndarray, np.ndarray]]:
+                      eod_id: Optional[int], dtype: np.dtype, workers: int) -> Iterator[Encoded]:
     """(chunk, tokens, lengths) in input order. Pool.imap would read the whole input ahead into
     memory; a bounded window of async tasks keeps memory flat and order intact."""
     if pool is None:
@@ -171,7 +174,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: str,
             pool.join()
 
 
-def _preprocess_key(sources, key: str, data_prefix: str, tokenizer: Tokenizer, dtype: np.dtype,
+def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer: Tokenizer, dtype: np.dtype,
                     pool: Optional[Pool], workers: int, eod_id: Optional[int], skip_bad: bool,
                     max_documents: Optional[int], progress: bool) -> PreprocessSummary:
     report = ReadReport()
