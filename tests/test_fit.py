@@ -7,9 +7,9 @@ from megamu.scaling.fit import (
     bootstrap_interval,
     evaluate_holdout,
     fit_power_law,
-    fit_two_var,
     split_holdout,
 )
+from megamu.scaling.two_var import fit_two_var
 
 TRUE_A, TRUE_B, TRUE_C = 30.0, -0.25, 2.0
 NOISE = 0.01

@@ -15,11 +15,11 @@ from megamu.scaling.fit import (
     FitError,
     evaluate_holdout,
     fit_power_law,
-    fit_two_var,
     prediction_interval,
     split_holdout,
 )
 from megamu.scaling.points import LossPoint
+from megamu.scaling.two_var import fit_two_var
 
 FORM = "a*x^b+c"
 TWO_VAR_FORM = "E+A/N^alpha+B/D^beta"
