@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from megamu.parallel.cross_entropy import vocab_parallel_cross_entropy
-from tp_utils import run_distributed
+from tp_utils import run_distributed, tensor_parallel_group
 
 BATCH, SEQ, PADDED_VOCAB = 2, 16, 32  # PADDED_VOCAB divides by 2 and 4
 TIGHT = dict(rtol=1e-6, atol=1e-6)
@@ -39,9 +39,9 @@ def _reference(logits, target, grad_loss, vocab_size, ignore_index):
     return loss.detach(), F.pad(real.grad, (0, PADDED_VOCAB - vocab_size))
 
 
-def _check_matches_dense(vocab_size: int, ignore_index: int, logit_scale: float) -> None:
-    group = dist.group.WORLD
-    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+def _check_matches_dense(tp: int, vocab_size: int, ignore_index: int, logit_scale: float) -> None:
+    group, _ = tensor_parallel_group(tp)
+    rank = dist.get_rank(group)
     shard = PADDED_VOCAB // tp
     logits, target, grad_loss = _problem(vocab_size, ignore_index, logit_scale)
     owners = {int(t) // shard for t in target.flatten() if t != ignore_index}
@@ -56,15 +56,15 @@ def _check_matches_dense(vocab_size: int, ignore_index: int, logit_scale: float)
     assert_close(local.grad, expected_grad.chunk(tp, dim=-1)[rank], **TIGHT)
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+@pytest.mark.parametrize("world, tp", [(2, 2), (4, 4), (4, 2)], ids=["tp2", "tp4", "tp2-in-world4"])
 @pytest.mark.parametrize("vocab_size, ignore_index, logit_scale", [
     (32, -100, 1.0),  # no padding
     (27, -100, 1.0),  # padding inside the last shard
     (20, 5, 1.0),  # at TP=4 the last shard is all padding; ignore_index is a real token id
     (27, -100, 1000.0),  # large logits: needs the max subtraction
 ], ids=["unpadded", "padded", "padding-shard+ignore-real-id", "large-logits"])
-def test_matches_dense_cross_entropy(tp, vocab_size, ignore_index, logit_scale):
-    run_distributed(tp, _check_matches_dense, vocab_size, ignore_index, logit_scale)
+def test_matches_dense_cross_entropy(world, tp, vocab_size, ignore_index, logit_scale):
+    run_distributed(world, _check_matches_dense, tp, vocab_size, ignore_index, logit_scale)
 
 
 def _communicated_sizes() -> list[int]:

@@ -1,7 +1,8 @@
 """The TP autograd mappings equal the single-process math, forward and backward, at TP=2 and TP=4.
 
-Every rank builds the same "global" tensors from fixed seeds, so it can compute the dense reference
-locally and compare its own shard of the result and of the gradients.
+Every rank of a TP group builds the same "global" tensors from fixed seeds (different for each group),
+so it can compute the dense reference locally and compare its own shard of the result and gradients.
+Layouts: TP over the whole world of 2 or 4 ranks, and two strided TP=2 groups in a world of 4.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from megamu.parallel import mappings
-from tp_utils import run_distributed
+from tp_utils import run_distributed, tensor_parallel_group
 
 BATCH, SEQ, HIDDEN, FFN = 2, 8, 12, 16  # SEQ, HIDDEN and FFN divide by 2 and 4
 TIGHT = dict(rtol=1e-6, atol=1e-6)  # fp32; only the summation order differs from the reference
@@ -22,98 +23,99 @@ def _randn(seed: int, *shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _world() -> tuple[dist.ProcessGroup, int, int]:
-    group = dist.group.WORLD
-    return group, dist.get_rank(group), dist.get_world_size(group)
+def _setup(tp: int) -> tuple[dist.ProcessGroup, int, int]:
+    """This rank's TP group, its rank in it, and a seed base private to the group."""
+    group, index = tensor_parallel_group(tp)
+    return group, dist.get_rank(group), 1000 * index
 
 
-def _per_rank_upstream_grads(tp: int, *shape: int) -> list[torch.Tensor]:
-    return [_randn(100 + r, *shape) for r in range(tp)]
+def _per_rank_upstream_grads(seed: int, tp: int, *shape: int) -> list[torch.Tensor]:
+    return [_randn(seed + 100 + r, *shape) for r in range(tp)]
 
 
 # ---- one mapping at a time ---------------------------------------------------------------------
 
-def _check_copy_to() -> None:
-    group, rank, tp = _world()
-    x = _randn(0, BATCH, SEQ, HIDDEN).requires_grad_()
+def _check_copy_to(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    x = _randn(seed, BATCH, SEQ, HIDDEN).requires_grad_()
     y = mappings.copy_to_tp_region(x, group)
     assert torch.equal(y, x)
-    upstream = _per_rank_upstream_grads(tp, BATCH, SEQ, HIDDEN)
+    upstream = _per_rank_upstream_grads(seed, tp, BATCH, SEQ, HIDDEN)
     (y * upstream[rank]).sum().backward()
     assert_close(x.grad, sum(upstream), **TIGHT)  # each rank's branch contributes its gradient
 
 
-def _check_reduce_from() -> None:
-    group, rank, tp = _world()
-    parts = [_randn(r, BATCH, SEQ, HIDDEN) for r in range(tp)]
+def _check_reduce_from(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    parts = [_randn(seed + r, BATCH, SEQ, HIDDEN) for r in range(tp)]
     x = parts[rank].clone().requires_grad_()
     y = mappings.reduce_from_tp_region(x, group)
     assert_close(y, sum(parts), **TIGHT)
-    upstream = _randn(100, BATCH, SEQ, HIDDEN)  # after the reduction every rank computes the same loss
+    upstream = _randn(seed + 100, BATCH, SEQ, HIDDEN)  # after the reduction every rank computes the same loss
     (y * upstream).sum().backward()
     assert torch.equal(x.grad, upstream)
 
 
-def _check_scatter_to() -> None:
-    group, rank, tp = _world()
-    x = _randn(0, BATCH, SEQ, HIDDEN).requires_grad_()
+def _check_scatter_to(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    x = _randn(seed, BATCH, SEQ, HIDDEN).requires_grad_()
     y = mappings.scatter_to_tp_region(x, group)
     assert torch.equal(y, x.detach().chunk(tp, dim=-1)[rank])
-    upstream = _per_rank_upstream_grads(tp, BATCH, SEQ, HIDDEN // tp)
+    upstream = _per_rank_upstream_grads(seed, tp, BATCH, SEQ, HIDDEN // tp)
     (y * upstream[rank]).sum().backward()
     assert torch.equal(x.grad, torch.cat(upstream, dim=-1))
 
 
-def _check_gather_from() -> None:
-    group, rank, tp = _world()
-    full = _randn(0, BATCH, SEQ, HIDDEN)
+def _check_gather_from(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    full = _randn(seed, BATCH, SEQ, HIDDEN)
     x = full.chunk(tp, dim=-1)[rank].clone().requires_grad_()
     y = mappings.gather_from_tp_region(x, group)
     assert torch.equal(y, full)
-    upstream = _randn(100, BATCH, SEQ, HIDDEN)
+    upstream = _randn(seed + 100, BATCH, SEQ, HIDDEN)
     (y * upstream).sum().backward()
     assert torch.equal(x.grad, upstream.chunk(tp, dim=-1)[rank])
 
 
-def _check_scatter_to_sequence() -> None:
-    group, rank, tp = _world()
-    x = _randn(0, BATCH, SEQ, HIDDEN).requires_grad_()
+def _check_scatter_to_sequence(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    x = _randn(seed, BATCH, SEQ, HIDDEN).requires_grad_()
     y = mappings.scatter_to_sequence_parallel_region(x, group)
     assert torch.equal(y, x.detach().chunk(tp, dim=1)[rank])
-    upstream = _per_rank_upstream_grads(tp, BATCH, SEQ // tp, HIDDEN)
+    upstream = _per_rank_upstream_grads(seed, tp, BATCH, SEQ // tp, HIDDEN)
     (y * upstream[rank]).sum().backward()
     assert torch.equal(x.grad, torch.cat(upstream, dim=1))
 
 
-def _check_gather_from_sequence_partial_grad() -> None:
-    group, rank, tp = _world()
-    full = _randn(0, BATCH, SEQ, HIDDEN)
+def _check_gather_from_sequence_partial_grad(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    full = _randn(seed, BATCH, SEQ, HIDDEN)
     x = full.chunk(tp, dim=1)[rank].clone().requires_grad_()
     y = mappings.gather_from_sequence_parallel_region(x, group)
     assert torch.equal(y, full)
-    upstream = _per_rank_upstream_grads(tp, BATCH, SEQ, HIDDEN)  # partial sums, as behind a TP layer
+    upstream = _per_rank_upstream_grads(seed, tp, BATCH, SEQ, HIDDEN)  # partial sums, as behind a TP layer
     (y * upstream[rank]).sum().backward()
     assert_close(x.grad, sum(upstream).chunk(tp, dim=1)[rank], **TIGHT)
 
 
-def _check_gather_from_sequence_full_grad() -> None:
-    group, rank, tp = _world()
-    full = _randn(0, BATCH, SEQ, HIDDEN)
+def _check_gather_from_sequence_full_grad(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    full = _randn(seed, BATCH, SEQ, HIDDEN)
     x = full.chunk(tp, dim=1)[rank].clone().requires_grad_()
     y = mappings.gather_from_sequence_parallel_region(x, group, grad_is_partial=False)
     assert torch.equal(y, full)
-    upstream = _randn(100, BATCH, SEQ, HIDDEN)  # every rank holds the whole gradient
+    upstream = _randn(seed + 100, BATCH, SEQ, HIDDEN)  # every rank holds the whole gradient
     (y * upstream).sum().backward()
     assert torch.equal(x.grad, upstream.chunk(tp, dim=1)[rank])
 
 
-def _check_reduce_scatter_to_sequence() -> None:
-    group, rank, tp = _world()
-    parts = [_randn(r, BATCH, SEQ, HIDDEN) for r in range(tp)]
+def _check_reduce_scatter_to_sequence(tp: int) -> None:
+    group, rank, seed = _setup(tp)
+    parts = [_randn(seed + r, BATCH, SEQ, HIDDEN) for r in range(tp)]
     x = parts[rank].clone().requires_grad_()
     y = mappings.reduce_scatter_to_sequence_parallel_region(x, group)
     assert_close(y, sum(parts).chunk(tp, dim=1)[rank], **TIGHT)
-    upstream = _per_rank_upstream_grads(tp, BATCH, SEQ // tp, HIDDEN)
+    upstream = _per_rank_upstream_grads(seed, tp, BATCH, SEQ // tp, HIDDEN)
     (y * upstream[rank]).sum().backward()
     assert torch.equal(x.grad, torch.cat(upstream, dim=1))
 
@@ -123,16 +125,21 @@ MAPPING_CHECKS = [_check_copy_to, _check_reduce_from, _check_scatter_to, _check_
                   _check_gather_from_sequence_full_grad, _check_reduce_scatter_to_sequence]
 
 
-@pytest.mark.parametrize("tp", [2, 4])
+# (world size, TP size): TP over the whole world, and strided TP=2 groups inside a world of 4.
+LAYOUTS = [(2, 2), (4, 4), (4, 2)]
+LAYOUT_IDS = ["tp2", "tp4", "tp2-in-world4"]
+
+
+@pytest.mark.parametrize("world, tp", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("check", MAPPING_CHECKS, ids=lambda fn: fn.__name__.removeprefix("_check_"))
-def test_mapping_matches_single_process_math(check, tp):
-    run_distributed(tp, check)
+def test_mapping_matches_single_process_math(check, world, tp):
+    run_distributed(world, check, tp)
 
 
 # ---- the mappings composed as Megatron's MLP: column-parallel then row-parallel ------------------
 
-def _tensor_parallel_mlp_matches_dense(group: dist.ProcessGroup, seed: int, sequence_parallel: bool) -> None:
-    rank, tp = dist.get_rank(group), dist.get_world_size(group)
+def _check_tensor_parallel_mlp(tp: int, sequence_parallel: bool) -> None:
+    group, rank, seed = _setup(tp)
     x_full, w_in, w_out = _randn(seed, BATCH, SEQ, HIDDEN), _randn(seed + 1, FFN, HIDDEN), _randn(seed + 2, HIDDEN, FFN)
     upstream = _randn(seed + 3, BATCH, SEQ, HIDDEN)
 
@@ -161,32 +168,16 @@ def _tensor_parallel_mlp_matches_dense(group: dist.ProcessGroup, seed: int, sequ
     assert_close(w_out_shard.grad, w_out_ref.grad.chunk(tp, dim=1)[rank], rtol=1e-5, atol=1e-5)
 
 
-def _check_mlp_over_world(sequence_parallel: bool) -> None:
-    _tensor_parallel_mlp_matches_dense(dist.group.WORLD, seed=0, sequence_parallel=sequence_parallel)
-
-
-def _check_mlp_over_subgroups(sequence_parallel: bool) -> None:
-    """TP=2 inside a world of 4 (as with DP=2): ranks must use their rank in the group, not the global one."""
-    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
-    index = dist.get_rank() // 2
-    _tensor_parallel_mlp_matches_dense(groups[index], seed=10 * index, sequence_parallel=sequence_parallel)
-
-
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
-@pytest.mark.parametrize("tp", [2, 4])
-def test_tensor_parallel_mlp_equals_dense_mlp(tp, sequence_parallel):
-    run_distributed(tp, _check_mlp_over_world, sequence_parallel)
-
-
-@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "tp+sp"])
-def test_mlp_over_tp_subgroups_of_a_larger_world(sequence_parallel):
-    run_distributed(4, _check_mlp_over_subgroups, sequence_parallel)
+@pytest.mark.parametrize("world, tp", LAYOUTS, ids=LAYOUT_IDS)
+def test_tensor_parallel_mlp_equals_dense_mlp(world, tp, sequence_parallel):
+    run_distributed(world, _check_tensor_parallel_mlp, tp, sequence_parallel)
 
 
 # ---- edge cases ------------------------------------------------------------------------------
 
 def _check_uneven_split_is_refused() -> None:
-    group, _, _ = _world()
+    group = dist.group.WORLD
     with pytest.raises(ValueError, match="evenly across 2 tensor-parallel ranks"):
         mappings.scatter_to_tp_region(torch.zeros(2, 3), group)
     with pytest.raises(ValueError, match="reduce-scatter dim 1"):

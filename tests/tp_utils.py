@@ -134,6 +134,29 @@ def _describe(failures: dict[int, str]) -> str:
     return "".join(f"\n--- rank {rank} failed:\n{tb}" for rank, tb in sorted(failures.items()))
 
 
+_TP_GROUPS: dict[int, tuple[Any, int]] = {}
+
+
+def tensor_parallel_group(tp: int) -> tuple[Any, int]:
+    """Inside a worker: this rank's TP group of `tp` ranks, and that group's index.
+
+    With tp equal to the world size this is the world. Otherwise the groups are strided
+    ({0, n, 2n, ...}, {1, n+1, ...} with n = world / tp), so code that uses the global rank where it
+    needs the rank inside the group gives wrong results instead of accidentally right ones.
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    if tp == world:
+        return dist.group.WORLD, 0
+    if tp not in _TP_GROUPS:
+        stride = world // tp
+        groups = [dist.new_group(list(range(first, world, stride))) for first in range(stride)]  # all ranks call
+        index = dist.get_rank() % stride
+        _TP_GROUPS[tp] = (groups[index], index)
+    return _TP_GROUPS[tp]
+
+
 _POOLS: dict[int, WorkerPool] = {}
 
 
