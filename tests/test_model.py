@@ -71,7 +71,7 @@ def test_architectures_differ_as_configured():
 
 def test_rope_real_arithmetic_equals_complex_reference():
     head_dim, seq_len, theta = 8, 12, 500.0
-    rope = RotaryEmbedding(head_dim, seq_len, theta)
+    rope = RotaryEmbedding(head_dim, theta)
     x = torch.randn(2, seq_len, 3, head_dim)
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
@@ -92,6 +92,15 @@ def test_rmsnorm_computes_in_fp32_and_returns_input_dtype():
     x64 = x.double()
     reference = x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight.double()
     torch.testing.assert_close(out, reference.to(torch.bfloat16), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_qknorm", "gpt2"])
+def test_bf16_model_keeps_activation_dtype_and_fp32_loss(variant):
+    model = build_model(tiny_cfg(*VARIANTS[variant], "mup.zero_readout=false")).to(torch.bfloat16)
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    assert model(tokens).dtype == torch.bfloat16
+    loss = model(tokens, labels=tokens)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa_qknorm", "gpt2"])

@@ -61,19 +61,19 @@ class RotaryEmbedding(nn.Module):
     Equivalent to multiplying the complex number x[2i] + i·x[2i+1] by exp(i·t·θ_i), θ_i = theta^(-2i/d).
     """
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-        # Not persistent: derived from the config, so checkpoints stay free of them.
-        self.register_buffer("cos", angles.cos().float(), persistent=False)
-        self.register_buffer("sin", angles.sin().float(), persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, heads, head_dim] → same shape, rotated by position."""
+        # Angles are recomputed in fp32 on every call rather than kept as buffers: a bf16 engine casts
+        # buffers to bf16, and bf16 angles are wrong by whole radians at long positions. The cost is tiny.
         seq_len = x.shape[1]
-        cos = self.cos[:seq_len, None, :]
-        sin = self.sin[:seq_len, None, :]
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
+                                  / self.head_dim)
+        angles = torch.outer(torch.arange(seq_len, device=x.device, dtype=torch.float32), inv_freq)
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
         x32 = x.float()
         even, odd = x32[..., 0::2], x32[..., 1::2]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -83,8 +83,8 @@ class RotaryEmbedding(nn.Module):
 class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA."""
 
-    def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, seq_len: int,
-                 scale: float, qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float) -> None:
+    def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, scale: float,
+                 qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = hidden_size // n_heads
@@ -98,7 +98,7 @@ class Attention(nn.Module):
         self.o = RowParallelLinear(hidden_size, hidden_size, bias, role="hidden_out")
         self.q_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
         self.k_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
-        self.rope = RotaryEmbedding(self.head_dim, seq_len, rope_theta) if arch == "llama" else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta) if arch == "llama" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = x.shape

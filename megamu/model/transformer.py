@@ -25,7 +25,7 @@ from megamu.parallel.layers import ParallelReadout
 def _build_block(cfg: Config) -> Block:
     m = cfg.model
     attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
-                          seq_len=m.seq_len, scale=mup.attention_scale(cfg), qk_norm=m.qk_norm,
+                          scale=mup.attention_scale(cfg), qk_norm=m.qk_norm,
                           norm_eps=m.norm_eps, rope_theta=m.rope_theta, dropout=m.dropout)
     mlp_class = GeluMLP if m.arch == "gpt2" else SwiGLU
     return Block(attention, mlp_class(m.hidden_size, cfg.ffn_hidden_size),
