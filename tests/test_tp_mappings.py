@@ -120,9 +120,26 @@ def _check_reduce_scatter_to_sequence(tp: int) -> None:
     assert torch.equal(x.grad, torch.cat(upstream, dim=1))
 
 
+def _check_sequence_first_layout(tp: int) -> None:
+    """Megatron's [seq, batch, hidden] layout: gather and reduce-scatter along dim 0."""
+    group, rank, seed = _setup(tp)
+    full = _randn(seed, SEQ, BATCH, HIDDEN)
+    x = full.chunk(tp, dim=0)[rank].clone().requires_grad_()
+    y = mappings.gather_from_sequence_parallel_region(x, group, seq_dim=0)
+    assert torch.equal(y, full)
+    upstream = _per_rank_upstream_grads(seed, tp, SEQ, BATCH, HIDDEN)
+    (y * upstream[rank]).sum().backward()
+    assert_close(x.grad, sum(upstream).chunk(tp, dim=0)[rank], **TIGHT)
+
+    parts = [_randn(seed + r, SEQ, BATCH, HIDDEN) for r in range(tp)]
+    y = mappings.reduce_scatter_to_sequence_parallel_region(parts[rank], group, seq_dim=0)
+    assert_close(y, sum(parts).chunk(tp, dim=0)[rank], **TIGHT)
+
+
 MAPPING_CHECKS = [_check_copy_to, _check_reduce_from, _check_scatter_to, _check_gather_from,
                   _check_scatter_to_sequence, _check_gather_from_sequence_partial_grad,
-                  _check_gather_from_sequence_full_grad, _check_reduce_scatter_to_sequence]
+                  _check_gather_from_sequence_full_grad, _check_reduce_scatter_to_sequence,
+                  _check_sequence_first_layout]
 
 
 # (world size, TP size): TP over the whole world, and strided TP=2 groups inside a world of 4.

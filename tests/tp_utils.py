@@ -2,12 +2,15 @@
 
 Importing torch costs seconds on a small CPU machine, so workers fork from a fork server that
 imported it once, and `run_distributed` keeps one pool of ready workers per world size for the whole
-pytest session and hands each call to it. Each worker has `torch.distributed` initialised (gloo, env:// so DeepSpeed finds it too) with
-the world as the default group. A failure on any rank raises `DistributedTestError` in the parent
-with that rank's traceback; if a rank then stays stuck in a collective (its peer died before
-joining), or a process dies, the pool is torn down and the next call starts a fresh one.
+pytest session and hands each call to it. Each worker has `torch.distributed` initialised (gloo,
+env:// so DeepSpeed finds it too) with the world as the default group. A failure on any rank raises
+`DistributedTestError` in the parent with that rank's traceback; if a rank then stays stuck in a
+collective (its peer failed before joining), or a process dies, the pool is torn down and the next
+call starts a fresh one.
 
 The function must be defined at module level (it is pickled by name) and its result picklable.
+pytest does not rewrite `assert` in worker processes: compare with torch.testing.assert_close or
+give asserts a message.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 # A rank blocked in a collective gives up after this long, so a broken test cannot hang forever.
 COLLECTIVE_TIMEOUT_S = 60.0

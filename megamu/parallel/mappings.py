@@ -62,6 +62,8 @@ def _all_gather(x: Tensor, dim: int, group: ProcessGroup) -> Tensor:
     # Gather into one buffer concatenated along dim 0 (the form every backend accepts), then regroup.
     buffer = torch.empty((world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=x.device)
     _all_gather_single(buffer, x.contiguous(), group=group)
+    if dim % x.dim() == 0:
+        return buffer
     return torch.cat(buffer.chunk(world, dim=0), dim=dim)
 
 
