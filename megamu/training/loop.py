@@ -172,9 +172,10 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def _save(self, progress: Progress, sampler: Any) -> None:
-        client_state = {"step": progress.step, "skipped_steps": progress.skipped_steps,
-                        "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
-                        "flops": progress.step * self.tokens_per_step * self.flops_per_token}
+        # Under one key: DeepSpeed strips its own names (skipped_steps, global_steps, ...) from client state.
+        client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
+                                   "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
+                                   "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
         checkpoint.save_checkpoint(self.model.engine, self.ckpt_dir, progress.step, client_state)
 
     def _resume(self, progress: Progress) -> int:
@@ -184,9 +185,10 @@ class Trainer:
         client = checkpoint.load_checkpoint(self.model.engine, self.ckpt_dir)
         if client is None:
             return 0
-        progress.step = int(client["step"])
-        progress.skipped_steps = int(client["skipped_steps"])
-        return int(client["sampler"]["consumed_samples"])
+        saved = client["megamu"]
+        progress.step = int(saved["step"])
+        progress.skipped_steps = int(saved["skipped_steps"])
+        return int(saved["sampler"]["consumed_samples"])
 
     # ---- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -251,7 +253,8 @@ class Trainer:
         return {**self._counters(progress.step), "loss": loss if math.isfinite(loss) else None,
                 "lr": base_lr(progress.step - 1, self.cfg.train),
                 "grad_norm": grad_norm if is_finite(grad_norm) else None, "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.on_gpu), "time_s": elapsed}
+                "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.on_gpu), "time_s": elapsed,
+                "skipped_steps": progress.skipped_steps}
 
     def _summary(self, progress: Progress, start_step: int) -> dict[str, Any]:
         evaluation = progress.last_eval or {}

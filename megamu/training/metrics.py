@@ -42,13 +42,14 @@ def format_eta(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def console_line(record: dict[str, Any], max_steps: int, eta_s: float) -> str:
-    mfu_text = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
-    grad = record["grad_norm"]
-    grad_text = f"{grad:.3f}" if grad is not None else "n/a"
-    return (f"step {record['step']}/{max_steps} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
-            f"grad norm {grad_text} | {record['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | "
-            f"ETA {format_eta(eta_s)}")
+    return (f"step {record['step']}/{max_steps} | loss {_fmt(record['loss'], '.4f')} | lr {record['lr']:.3e} | "
+            f"grad norm {_fmt(record['grad_norm'], '.3f')} | {record['tokens_per_s']:,.0f} tok/s | "
+            f"MFU {_fmt(record['mfu'], '.1%')} | ETA {format_eta(eta_s)}")
 
 
 class RunLogger:

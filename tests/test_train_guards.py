@@ -1,0 +1,76 @@
+"""Non-finite steps: a NaN loss is skipped (no update) and counted; `train.max_bad_steps` in a row
+stop the run with a checkpoint and exit code 3. NaNs are injected with a forward hook on the
+model in a real `python -m megamu.train` process."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+
+from dist import run_script
+from megamu.training.guards import BadStepCounter, NonFiniteStepGate
+from test_train_e2e import read_records, write_config
+
+# Forward calls (= steps here: one micro batch per step, no evaluation) whose loss becomes NaN.
+INJECT_NAN = """
+import sys
+import megamu.model
+from megamu.train import main
+NAN_CALLS = {2} | set(range(4, 100))
+build_model = megamu.model.build_model
+def build_poisoned(cfg):
+    model = build_model(cfg)
+    calls = [0]
+    def poison(module, inputs, output):
+        calls[0] += 1
+        return output * float("nan") if calls[0] in NAN_CALLS else output
+    model.register_forward_hook(poison)
+    return model
+megamu.model.build_model = build_poisoned
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tokenizer, tiny_dataset_prefix):
+    config = write_config(str(tmp_path / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
+                          str(tmp_path / "run"))
+    result = run_script(INJECT_NAN, ["--config", config, "train.micro_batch_size=8", "train.eval_iters=0",
+                                     "train.max_bad_steps=2", "--deepspeed_config", "ds_configs/zero0.json"])
+    assert result.returncodes == [3], result.describe()
+    assert "2 consecutive steps with non-finite loss" in result.ranks[0].output
+    train = read_records(str(tmp_path / "run"), "train")
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
+    assert train[1]["loss"] is None and train[1]["skipped_steps"] == 1  # step 2: skipped, counted
+    assert math.isfinite(train[2]["loss"]) and train[2]["skipped_steps"] == 1  # step 3 trains on
+    assert train[2]["loss"] < train[0]["loss"]
+    assert train[4]["skipped_steps"] == 3  # steps 4 and 5 in a row: stop
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert (ckpt / "latest_complete").read_text().strip() == "global_step5"
+
+
+def test_gate_skips_the_update_when_loss_is_bad_or_grads_are_not_finite():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    gate = NonFiniteStepGate(optimizer, group=None)
+
+    weight.grad = torch.ones(3)
+    gate.begin_step(loss_is_bad=True)
+    optimizer.step()
+    assert gate.skipped_last_step and torch.equal(weight.detach(), torch.ones(3))
+
+    weight.grad = torch.tensor([1.0, float("inf"), 1.0])
+    gate.begin_step(loss_is_bad=False)
+    optimizer.step()
+    assert gate.skipped_last_step and torch.equal(weight.detach(), torch.ones(3))
+
+    weight.grad = torch.ones(3)
+    gate.begin_step(loss_is_bad=False)
+    optimizer.step()
+    assert not gate.skipped_last_step and torch.equal(weight.detach(), torch.zeros(3))
+
+
+def test_bad_step_counter_needs_consecutive_steps():
+    counter = BadStepCounter(max_consecutive=2)
+    assert [counter.record(b) for b in (True, False, True, True)] == [False, False, False, True]
