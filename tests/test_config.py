@@ -1,0 +1,101 @@
+"""Config errors name the key and the fix, and stop a run before anything is allocated."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from dist import run_train
+from megamu.config import Config, ConfigError, load_config
+from megamu.training.ds_config import build_ds_config
+from megamu.training.loop import prepare_config
+
+
+@pytest.fixture
+def cfg(tiny_tokenizer, tiny_dataset_prefix) -> Config:
+    return load_config(None, [f"data.path={tiny_dataset_prefix}", f"data.tokenizer_model={tiny_tokenizer.model_path}",
+                              "model.hidden_size=64", "model.n_heads=4", "train.micro_batch_size=2",
+                              "train.global_batch_size=8"])
+
+
+def error_of(cfg: Config, world_size: int = 1) -> str:
+    with pytest.raises(ConfigError) as info:
+        prepare_config(cfg, world_size)
+        build_ds_config(cfg, world_size)
+    return str(info.value)
+
+
+def test_valid_config_passes_and_fills_vocab_from_tokenizer(cfg):
+    prepare_config(cfg, world_size=2)
+    assert cfg.model.vocab_size == 512
+
+
+def test_heads_must_divide_hidden(cfg):
+    cfg.model.n_heads = 5
+    assert "model.n_heads=5 does not divide model.hidden_size=64" in error_of(cfg)
+
+
+def test_kv_heads_must_divide_heads(cfg):
+    cfg.model.n_kv_heads = 3
+    assert "model.n_kv_heads=3 does not divide model.n_heads=4" in error_of(cfg)
+
+
+def test_global_batch_must_divide_by_micro_times_world(cfg):
+    message = error_of(cfg, world_size=3)
+    assert "train.global_batch_size=8" in message and "set it to a multiple of 6" in message
+
+
+def test_missing_data_file_names_the_key_and_the_tool(cfg, tmp_path):
+    cfg.data.path = str(tmp_path / "nothing_text_document")
+    message = error_of(cfg)
+    assert "data.path" in message and "nothing_text_document.bin not found" in message
+    assert "preprocess_data.py" in message
+
+
+def test_unknown_key_in_yaml_and_in_overrides(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  max_step: 10\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown key 'train.max_step'.*train.max_steps"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'model.hiden_size'"):
+        load_config(None, ["model.hiden_size=64"])
+
+
+def test_ds_json_disagreeing_with_megamu_names_both(cfg, tmp_path):
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1}}))
+    cfg.train.deepspeed_config = str(ds_path)
+    message = error_of(cfg)
+    assert "'train_micro_batch_size_per_gpu' = 4 disagrees with train.micro_batch_size" in message
+
+
+def test_ds_json_batch_fields_are_derived(cfg):
+    cfg.train.deepspeed_config = "ds_configs/zero2.json"
+    prepare_config(cfg, world_size=2)
+    ds = build_ds_config(cfg, dp_size=2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
+    assert ds["gradient_clipping"] == cfg.train.grad_clip and ds["zero_optimization"]["stage"] == 2
+    assert ds["bf16"]["enabled"] is False  # CPU: fp32
+
+
+def test_ds_json_may_not_own_the_lr_schedule(cfg, tmp_path):
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    cfg.train.deepspeed_config = str(ds_path)
+    assert "remove the 'scheduler' section" in error_of(cfg)
+
+
+def test_muon_at_zero0_is_refused(cfg):
+    cfg.train.optimizer = "muon"
+    cfg.train.deepspeed_config = "ds_configs/zero0.json"
+    assert "train.optimizer=muon" in error_of(cfg) and "zero1.json" in error_of(cfg)
+
+
+def test_config_error_stops_the_entry_point_before_allocation(tmp_path, tiny_dataset_prefix, tiny_tokenizer):
+    out_dir = tmp_path / "never"
+    result = run_train([f"data.path={tiny_dataset_prefix}", f"data.tokenizer_model={tiny_tokenizer.model_path}",
+                        "model.n_heads=3", f"train.out_dir={out_dir}"])
+    assert result.returncodes == [1]
+    assert "config error: model.n_heads=3 does not divide model.hidden_size=256" in result.ranks[0].output
+    assert not os.path.exists(out_dir)
