@@ -102,6 +102,19 @@ def test_breaking_one_mup_rule_makes_the_check_fail(monkeypatch, batches, rule):
     assert max(slopes.values()) > GROWING, slopes
 
 
+def test_seeds_average_mean_abs_over_inits(batches):
+    cfg = small_cfg()
+    one_width = dict(widths=[32], steps=1, batches=batches)
+    averaged = coord_check.run_coord_check(cfg, seeds=2, **one_width)["records"]
+    first = coord_check.run_coord_check(cfg, **one_width)["records"]
+    cfg.train.seed += 1
+    second = coord_check.run_coord_check(cfg, **one_width)["records"]
+    assert first != second
+    for a, r1, r2 in zip(averaged, first, second):
+        assert (a["step"], a["module"]) == (r1["step"], r1["module"])
+        assert a["mean_abs"] == pytest.approx((r1["mean_abs"] + r2["mean_abs"]) / 2)
+
+
 def test_tool_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "coord.json", tmp_path / "coord.png"
     argv = ["--widths", "32,64", "--steps", "1", "--sp", "--batch-size", "1", "--json", str(out_json),

@@ -1,7 +1,7 @@
 """Coordinate check: mean |activation| per module per step across widths, as JSON and a log-log plot.
 
     python tools/coord_check.py --config configs/tiny.yaml --widths 64,128,256,512 --steps 3 \
-        --json coord_mup.json --plot coord_mup.png [--sp] [--data PREFIX] [section.key=value ...]
+        --json coord_mup.json --plot coord_mup.png [--sp] [--seeds N] [--data PREFIX] [section.key=value ...]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config (model shape, mup.*, train.lr, ...)")
     parser.add_argument("--widths", default="64,128,256,512", help="comma-separated hidden sizes")
     parser.add_argument("--steps", type=int, default=3, help="AdamW steps to take (step 0 = at init)")
+    parser.add_argument("--seeds", type=int, default=1, help="average mean|act| over this many inits")
     parser.add_argument("--sp", action="store_true", help="standard parametrization instead of μP")
     parser.add_argument("--data", help=".bin/.idx prefix to draw batches from (default: data.path, else "
                                        "random tokens)")
@@ -44,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.validate(check_files=False)
         batch_size = args.batch_size or cfg.train.micro_batch_size
         batches = coord_check.token_batches(cfg, args.steps + 1, batch_size, args.data or cfg.data.path)
-        result = coord_check.run_coord_check(cfg, widths, args.steps, batches, mup_enabled=not args.sp)
+        result = coord_check.run_coord_check(cfg, widths, args.steps, batches, mup_enabled=not args.sp,
+                                               seeds=args.seeds)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

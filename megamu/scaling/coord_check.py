@@ -122,14 +122,26 @@ def _width_records(cfg: Config, batches: Sequence[torch.Tensor], steps: int) -> 
 
 
 def run_coord_check(cfg: Config, widths: Sequence[int], steps: int, batches: Sequence[torch.Tensor],
-                    mup_enabled: bool = True) -> dict:
+                    mup_enabled: bool = True, seeds: int = 1) -> dict:
     """Train `steps` AdamW steps at every width on `batches`; returns the DESIGN.md coordinate-check JSON:
-    {"parametrization", "widths", "records": [{"width", "step", "module", "mean_abs"}]}."""
+    {"parametrization", "widths", "records": [{"width", "step", "module", "mean_abs"}]}.
+
+    With `seeds` > 1, mean_abs is averaged over that many inits (train.seed, train.seed + 1, ...): a single
+    init's first Adam steps are noisy enough to bend the curves at small widths.
+    """
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size is unset: set it or data.tokenizer_model")
-    records: list[dict] = []
+    if seeds < 1:
+        raise ValueError(f"seeds must be at least 1, got {seeds}")
+    totals: dict[tuple[int, int, str], float] = {}
     for width in widths:
-        records.extend(_width_records(width_config(cfg, width, mup_enabled), batches, steps))
+        for offset in range(seeds):
+            width_cfg = width_config(cfg, width, mup_enabled)
+            width_cfg.train.seed = cfg.train.seed + offset
+            for r in _width_records(width_cfg, batches, steps):
+                key = (r["width"], r["step"], r["module"])
+                totals[key] = totals.get(key, 0.0) + r["mean_abs"] / seeds
+    records = [{"width": w, "step": s, "module": m, "mean_abs": v} for (w, s, m), v in totals.items()]
     return {"parametrization": "mup" if mup_enabled else "sp", "widths": list(widths), "records": records}
 
 
@@ -153,15 +165,18 @@ def plot(result: dict, path: str) -> None:
 
     steps = sorted({r["step"] for r in result["records"]})
     modules = list(dict.fromkeys(r["module"] for r in result["records"]))
-    fig, axes = plt.subplots(1, len(steps), figsize=(4 * len(steps), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(steps), figsize=(3.6 * len(steps) + 2, 3.6), sharey=True, squeeze=False)
+    colors = plt.get_cmap("tab20")
     for ax, step in zip(axes[0], steps):
-        for module in modules:
+        for i, module in enumerate(modules):
             points = sorted((r["width"], r["mean_abs"]) for r in result["records"]
                             if r["step"] == step and r["module"] == module)
-            ax.plot(*zip(*points), marker="o", label=module)
+            ax.plot(*zip(*points), marker="o", color=colors(i % 20), label=module)
         ax.set(xscale="log", yscale="log", title=f"step {step}", xlabel="width")
+        ax.set_xticks(result["widths"], [str(w) for w in result["widths"]])
+        ax.minorticks_off()
     axes[0][0].set_ylabel("mean |activation|")
-    axes[0][-1].legend(fontsize=6, loc="best")
+    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"coordinate check ({result['parametrization']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
