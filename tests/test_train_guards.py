@@ -3,9 +3,7 @@ stop the run with a checkpoint and exit code 3. NaNs are injected with a forward
 model in a real `python -m megamu.train` process."""
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import torch
 

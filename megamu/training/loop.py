@@ -10,7 +10,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -19,10 +19,11 @@ import torch.distributed as dist
 from megamu.config import Config, ConfigError, data_prefixes, save_config
 from megamu.training import checkpoint
 from megamu.training.ds_config import build_ds_config, resolve_dtype, zero_stage
-from megamu.training.engine import Engine, build_engine
+from megamu.training.engine import build_engine
 from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
 from megamu.training.metrics import RunLogger, bits_per_byte, mfu, plot_loss_curve
-from megamu.training.schedule import apply_lr, base_lr
+from megamu.training.schedule import base_lr
+from megamu.training.step import group_mean, train_step
 
 
 def prepare_config(cfg: Config, world_size: int) -> Config:
@@ -122,36 +123,6 @@ class Trainer:
                                           self.state.get_data_parallel_world_size(), consumed_samples=consumed)
         return sampler, make_dataloader(self.datasets[split], sampler)
 
-    def _dp_mean(self, total: float, count: int) -> float:
-        buf = torch.tensor([total, float(count)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(buf, group=self.state.get_data_parallel_group())
-        return float(buf[0] / buf[1])
-
-    # ---- one optimizer step ---------------------------------------------------------------
-    def _train_step(self, step: int, batches: Iterator[torch.Tensor]) -> tuple[float, Optional[float], bool]:
-        engine, t = self.model.engine, self.cfg.train
-        lr = base_lr(step, t)
-        apply_lr(self.model.param_groups, lr)
-        micro_losses = []
-        accumulation = engine.gradient_accumulation_steps()
-        for micro_step in range(accumulation):
-            tokens = next(batches).to(self.device, non_blocking=True)
-            loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
-            engine.backward(loss)
-            micro_losses.append(loss.detach().float())
-            if micro_step < accumulation - 1:
-                engine.step()  # DeepSpeed counts micro steps here; it updates only at the boundary
-        loss = self._dp_mean(float(torch.stack(micro_losses).sum()), len(micro_losses))
-        loss_bad = not math.isfinite(loss)
-        grad_norm = self.model.unreduced_grad_norm() if self.model.zero_stage == 0 else None
-        self.model.gate.begin_step(loss_is_bad=loss_bad)
-        engine.step()
-        reported = engine.get_global_grad_norm()
-        if reported is not None:
-            grad_norm = float(reported)
-        bad = loss_bad or self.model.gate.skipped_last_step or not is_finite(grad_norm)
-        return loss, grad_norm, bad
-
     # ---- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
@@ -167,7 +138,7 @@ class Trainer:
             total += float(engine(tokens[:, :-1], labels=tokens[:, 1:]))
             count += 1
         engine.train()
-        val_loss = self._dp_mean(total, count)
+        val_loss = group_mean(total, count, self.state.get_data_parallel_group(), self.device)
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.bytes_per_token)}
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -207,7 +178,8 @@ class Trainer:
         window_steps = 0
         try:
             while progress.step < last_step:
-                loss, grad_norm, bad = self._train_step(progress.step, batches)
+                loss, grad_norm, bad = train_step(self.model, t, progress.step, batches,
+                                                  self.state.get_data_parallel_group())
                 progress.step += 1
                 window_steps += 1
                 progress.train_losses.append(loss)
