@@ -1,0 +1,174 @@
+"""Width ladders: the same model at several widths, μP hyper-parameters transferred from the proxy.
+
+Width rule: the head dimension stays fixed (n_heads = width / head_dim, with the proxy's
+grouped-query ratio n_heads / n_kv_heads), as in most μP ladders: μP's attention scale
+α_attn/d_head then means the same thing at every width. mup.base_hidden_size is never changed:
+it stays the proxy's width, which is what makes the proxy's hyper-parameters transfer.
+
+Token budget rule: every rung trains the same number of steps, or tokens ∝ params
+(steps = ceil(tokens_per_param · params / tokens per step)), with the proxy's batch and sequence
+length throughout.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from megamu.config import Config, ConfigError, load_config
+from megamu.model import param_counts
+from megamu.scaling.fit import FitError
+from megamu.scaling.launch import MetricRule, RunResult, RunSpec
+from megamu.scaling.points import LossPoint
+from megamu.scaling.predict import predict
+from megamu.scaling.runs import read_run_point
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """Fixed steps (`steps`; None = the config's train.max_steps) or tokens ∝ params."""
+
+    steps: Optional[int] = None
+    tokens_per_param: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.tokens_per_param is not None:
+            raise ConfigError("give either a fixed number of steps or a tokens-per-param ratio, not both")
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"--steps must be positive, got {self.steps}")
+        if self.tokens_per_param is not None and not self.tokens_per_param > 0:
+            raise ConfigError(f"--tokens-per-param must be positive, got {self.tokens_per_param}")
+
+    def steps_for(self, cfg: Config, params: int) -> int:
+        if self.tokens_per_param is None:
+            return self.steps or cfg.train.max_steps
+        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
+        return max(1, math.ceil(self.tokens_per_param * params / tokens_per_step))
+
+
+def resolve_vocab(cfg: Config) -> Config:
+    """Fill model.vocab_size from the tokenizer, as the trainer does, so params can be counted."""
+    if cfg.model.vocab_size is None:
+        path = cfg.data.tokenizer_model
+        if path is None or not os.path.isfile(path):
+            raise ConfigError(f"model.vocab_size is unset and data.tokenizer_model ({path}) is not a file: set one, "
+                              f"so parameter counts can be computed")
+        from megamu.data.tokenizer import Tokenizer
+
+        cfg.model.vocab_size = Tokenizer(path).vocab_size
+    return cfg
+
+
+def width_overrides(cfg: Config, width: int) -> list[str]:
+    """Overrides that turn the base config into the same model at `width` (fixed head dim)."""
+    m = cfg.model
+    head_dim = cfg.head_dim
+    if width <= 0 or width % head_dim:
+        raise ConfigError(f"width {width} is not a positive multiple of the head dimension {head_dim} "
+                          f"(model.hidden_size {m.hidden_size} / model.n_heads {m.n_heads}); pick a multiple of it")
+    n_heads = width // head_dim
+    overrides = [f"model.hidden_size={width}", f"model.n_heads={n_heads}"]
+    if m.n_kv_heads is not None:
+        group = m.n_heads // cfg.kv_heads
+        if n_heads % group:
+            raise ConfigError(f"width {width} gives {n_heads} heads, not a multiple of the grouped-query group size "
+                              f"{group} (model.n_heads / model.n_kv_heads); pick a width with a multiple of "
+                              f"{group * head_dim}")
+        overrides.append(f"model.n_kv_heads={n_heads // group}")
+    if m.ffn_hidden_size:  # an explicit MLP width scales with the model width
+        overrides.append(f"model.ffn_hidden_size={round(m.ffn_hidden_size * width / m.hidden_size)}")
+    return overrides
+
+
+def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> Config:
+    base = resolve_vocab(load_config(config, list(overrides)))
+    cfg = load_config(config, [*overrides, *width_overrides(base, width)])
+    cfg.model.vocab_size = base.model.vocab_size
+    return cfg
+
+
+def params_at(config: Optional[str], overrides: Sequence[str], width: int) -> int:
+    return param_counts(_config_at(config, overrides, width))["total"]
+
+
+def width_for_params(config: Optional[str], overrides: Sequence[str], target_params: float) -> int:
+    """The multiple of the head dimension whose parameter count is nearest `target_params` (in log)."""
+    if not target_params > 0:
+        raise ConfigError(f"target parameter count must be positive, got {target_params}")
+    head_dim = resolve_vocab(load_config(config, list(overrides))).head_dim
+    best, best_gap, width = head_dim, math.inf, head_dim
+    while True:
+        params = params_at(config, overrides, width)
+        gap = abs(math.log(params / target_params))
+        if gap < best_gap:
+            best, best_gap = width, gap
+        if params > target_params:  # counts grow with width: the next ones are only farther
+            return best
+        width += head_dim
+
+
+def plan_ladder(
+    config: Optional[str],
+    overrides: Sequence[str],
+    widths: Sequence[int],
+    budget: TokenBudget,
+    out_dir: str,
+) -> list[RunSpec]:
+    """One run per width, named w<width>, validated before anything is launched."""
+    if not widths:
+        raise ConfigError("the ladder needs at least one width (or target parameter count)")
+    if len(set(widths)) != len(widths):
+        raise ConfigError(f"widths repeat: {list(widths)}")
+    specs = []
+    for width in sorted(widths):
+        cfg = _config_at(config, overrides, width)
+        params = param_counts(cfg)["total"]
+        steps = budget.steps_for(cfg, params)
+        if cfg.train.warmup_steps > steps:
+            raise ConfigError(f"width {width}: the token budget gives {steps} steps, fewer than train.warmup_steps="
+                              f"{cfg.train.warmup_steps}; lower the warm-up or raise the budget")
+        run_overrides = [*overrides, *width_overrides(cfg, width), f"train.max_steps={steps}"]
+        load_config(config, run_overrides).validate(world_size=None)  # bad keys or files: fail before launching
+        tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
+        specs.append(RunSpec(name=f"w{width}", run_dir=os.path.join(out_dir, f"w{width}"), config=config,
+                             overrides=run_overrides, max_steps=steps,
+                             labels={"width": width, "params": params, "steps": steps, "tokens": tokens}))
+    return specs
+
+
+def ladder_points(results: Sequence[RunResult], metric: str = "train", smooth: int = 10,
+                  min_step: Optional[int] = None) -> tuple[list[LossPoint], list[str]]:
+    """Loss points of the finished rungs, and a note for each rung left out (never dropped silently)."""
+    points, dropped = [], []
+    for result in results:
+        if result.status != "done":
+            dropped.append(f"{result.name}: {result.status} ({result.reason})")
+            continue
+        points.append(read_run_point(result.run_dir, metric, smooth=smooth, min_step=min_step))
+    return points, dropped
+
+
+def predict_ladder(results: Sequence[RunResult], holdout: int = 1, target: Optional[float] = None,
+                   metric: str = "train", smooth: int = 10, min_step: Optional[int] = None,
+                   level: float = 0.9, bootstrap: int = 0) -> tuple[dict, object, list[str]]:
+    """Fit L = a·params^b + c on the ladder (all but the `holdout` largest) and predict; (report, fit, dropped)."""
+    points, dropped = ladder_points(results, metric, smooth, min_step)
+    if not points:
+        raise FitError("no rung of the ladder finished: nothing to fit (" + "; ".join(dropped) + ")")
+    report, fit = predict(points, "params", holdout, target, level, bootstrap)
+    return report, fit, dropped
+
+
+def format_ladder(results: Sequence[RunResult], rule: MetricRule) -> str:
+    """One line per rung: width, params, steps, tokens, status and loss (or why it has none)."""
+    lines = [f"{'width':>6} {'params':>10} {'steps':>6} {'tokens':>10}  {'status':<8} {rule.metric} loss"]
+    for r in results:
+        value = f"{r.value:.4f}" if r.status == "done" else (r.reason.splitlines()[0][:60] if r.reason else "-")
+        lines.append(f"{r.labels['width']:>6} {r.labels['params']:>10,} {r.labels['steps']:>6} "
+                     f"{r.labels['tokens']:>10,}  {r.status:<8} {value}")
+    for r in results:
+        if r.status == "failed" and r.log_tail:
+            lines += ["", f"--- {r.name} failed ({r.reason}); last lines of {r.run_dir}/train.log ---",
+                      r.log_tail.rstrip()]
+    return "\n".join(lines)

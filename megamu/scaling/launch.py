@@ -1,0 +1,231 @@
+"""Run training jobs as subprocesses, a few at a time, and classify how each one ended.
+
+Shared by the hyper-parameter sweep and the width ladder. Each job is one run directory; the
+trainer is a command (default `python -m megamu.train`) given `--config BASE overrides...
+train.out_dir=RUN_DIR train.resume=true`, so tests can substitute a small script.
+
+A run's outcome is written to RUN_DIR/run_status.json when its process exits:
+  done      the metrics reach the planned last step and the loss is finite and below the threshold
+  diverged  non-finite loss, the trainer's non-finite guard stopped it (exit 3), or the final loss
+            is above the divergence threshold (default: ln(vocab), no better than a uniform guess)
+  failed    any other exit (crash, config error), with the tail of its log
+"done" and "diverged" are final: a resumed sweep skips them. Anything else (failed, killed
+half-way, never started) is launched again with train.resume=true, which continues from the
+run's newest checkpoint when it has one and starts afresh otherwise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence
+
+from megamu.scaling.fit import FitError
+from megamu.scaling.runs import read_metrics, read_run_point
+
+STATUS_FILE = "run_status.json"
+LOG_FILE = "train.log"
+EXIT_DIVERGED = 3  # megamu.train's exit code when train.max_bad_steps non-finite steps stopped it
+FINAL_STATUSES = ("done", "diverged")
+LOG_TAIL_LINES = 25
+DEFAULT_TRAINER = (sys.executable, "-m", "megamu.train")
+# A launcher's own distributed variables must not leak: every run is a world of one with its own port.
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@dataclass
+class RunSpec:
+    """One training run: where it lives, which config, and what it changes."""
+
+    name: str
+    run_dir: str
+    config: Optional[str]
+    overrides: list[str]  # section.key=value, applied after the config file
+    max_steps: int  # the planned last step, to tell a finished run from a half-finished one
+    labels: dict = field(default_factory=dict)  # what identifies it in tables (hyper-parameters, width)
+
+
+@dataclass
+class MetricRule:
+    """How a run is scored and when it counts as diverged."""
+
+    metric: str = "train"  # "train": mean of the last `smooth` train losses; "val": the final val_loss
+    smooth: int = 10
+    diverge_above: Optional[float] = None  # None: ln(vocab size), the loss of a uniform guess
+
+
+@dataclass
+class RunResult:
+    name: str
+    run_dir: str
+    status: str  # done | diverged | failed | pending
+    labels: dict
+    value: Optional[float] = None  # the metric, for done runs
+    params: Optional[float] = None
+    tokens: Optional[float] = None
+    last_step: Optional[int] = None
+    returncode: Optional[int] = None
+    reason: str = ""  # why diverged or failed
+    log_tail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainer_command(spec: RunSpec, trainer: Sequence[str] = DEFAULT_TRAINER) -> list[str]:
+    config = ["--config", spec.config] if spec.config else []
+    return [*trainer, *config, *spec.overrides, f"train.out_dir={spec.run_dir}", "train.resume=true"]
+
+
+def _child_env(threads: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    # The trainer must import this checkout's megamu even when it is not installed.
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def read_status(run_dir: str) -> Optional[dict]:
+    path = os.path.join(run_dir, STATUS_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None  # a torn marker means the run did not finish cleanly: run it again
+
+
+def _log_tail(run_dir: str, lines: int = LOG_TAIL_LINES) -> str:
+    path = os.path.join(run_dir, LOG_FILE)
+    if not os.path.isfile(path):
+        return ""
+    with open(path, errors="replace") as handle:
+        return "".join(handle.readlines()[-lines:])
+
+
+def classify(spec: RunSpec, returncode: Optional[int], rule: MetricRule) -> RunResult:
+    """Read the run's metrics and decide done / diverged / failed (returncode None: not run by us)."""
+    result = RunResult(spec.name, spec.run_dir, "failed", spec.labels, returncode=returncode)
+    try:
+        meta, train, evals = read_metrics(spec.run_dir)
+    except FitError as exc:
+        result.reason, result.log_tail = str(exc), _log_tail(spec.run_dir)
+        return result
+    result.params = meta.get("params")
+    result.last_step = max((r["step"] for r in train + evals), default=0)
+    losses = [r.get("loss") for r in train]
+    if returncode == EXIT_DIVERGED or any(v is None or not math.isfinite(v) for v in losses):
+        result.status, result.reason = "diverged", "non-finite loss (the trainer's guard stopped it or it logged NaN)"
+        return result
+    if returncode not in (0, None) or result.last_step < spec.max_steps:
+        result.reason = (f"exit code {returncode}" if returncode not in (0, None)
+                         else f"stopped at step {result.last_step} of {spec.max_steps}")
+        result.log_tail = _log_tail(spec.run_dir)
+        return result
+    try:
+        point = read_run_point(spec.run_dir, rule.metric, smooth=rule.smooth, min_step=0)
+    except FitError as exc:
+        result.reason, result.log_tail = str(exc), _log_tail(spec.run_dir)
+        return result
+    threshold = rule.diverge_above if rule.diverge_above is not None else uniform_loss(meta, losses[0])
+    result.value, result.tokens = point.loss, point.tokens
+    if point.loss > threshold:
+        result.status = "diverged"
+        result.reason = f"final {rule.metric} loss {point.loss:.4g} above the divergence threshold {threshold:.4g}"
+    else:
+        result.status = "done"
+    return result
+
+
+def uniform_loss(meta: dict, first_loss: float) -> float:
+    """ln(vocab): the loss of guessing uniformly, which a run that learned anything is below;
+    without a vocab size in the meta line, the run's own first logged loss."""
+    vocab = meta.get("vocab_size")
+    return math.log(vocab) if vocab else first_loss
+
+
+def _write_status(result: RunResult) -> None:
+    path = os.path.join(result.run_dir, STATUS_FILE)
+    with open(path + ".tmp", "w") as handle:
+        json.dump(result.to_dict(), handle, indent=1)
+    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
+
+
+def previous_result(spec: RunSpec) -> Optional[RunResult]:
+    """The recorded final outcome of a run from an earlier launch, or None if it must (re)run."""
+    status = read_status(spec.run_dir)
+    if status is None or status.get("status") not in FINAL_STATUSES:
+        return None
+    return RunResult(**{**status, "name": spec.name, "run_dir": spec.run_dir, "labels": spec.labels})
+
+
+def run_all(
+    specs: Sequence[RunSpec],
+    rule: MetricRule,
+    parallel: int = 1,
+    trainer: Sequence[str] = DEFAULT_TRAINER,
+    threads: Optional[int] = None,
+    echo: bool = True,
+) -> list[RunResult]:
+    """Launch every spec without a final outcome, `parallel` at a time; return results in spec order."""
+    if parallel < 1:
+        raise ValueError(f"--parallel must be at least 1, got {parallel}")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two runs would share a run directory name: {sorted(n for n in names if names.count(n) > 1)}")
+    threads = threads or max(1, (os.cpu_count() or 1) // parallel)
+    results: dict[str, RunResult] = {}
+    todo = []
+    for spec in specs:
+        earlier = previous_result(spec)
+        if earlier is not None:
+            results[spec.name] = earlier
+            if echo:
+                print(f"[skip] {spec.name}: {earlier.status} earlier", flush=True)
+        else:
+            todo.append(spec)
+    running: list[tuple[RunSpec, subprocess.Popen, object, float]] = []
+    try:
+        _drive(todo, running, results, rule, parallel, trainer, threads, echo)
+    finally:
+        for _, proc, log, _ in running:  # interrupted: leave no orphan trainers behind
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return [results[s.name] for s in specs]
+
+
+def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel: int, trainer: Sequence[str],
+           threads: int, echo: bool) -> None:
+    while todo or running:
+        while todo and len(running) < parallel:
+            spec = todo.pop(0)
+            os.makedirs(spec.run_dir, exist_ok=True)
+            log = open(os.path.join(spec.run_dir, LOG_FILE), "a")
+            cmd = trainer_command(spec, trainer)
+            log.write(f"$ {' '.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads))
+            running.append((spec, proc, log, time.perf_counter()))
+            if echo:
+                print(f"[start] {spec.name}", flush=True)
+        time.sleep(0.05)
+        for item in list(running):
+            spec, proc, log, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            result = classify(spec, proc.returncode, rule)
+            _write_status(result)
+            results[spec.name] = result
+            if echo:
+                value = f" {rule.metric} loss {result.value:.4f}" if result.value is not None else ""
+                why = f" ({result.reason})" if result.reason else ""
+                print(f"[{result.status}] {spec.name}{value} in {time.perf_counter() - start:.0f}s{why}", flush=True)
