@@ -1,35 +1,57 @@
 """Transformer building blocks: norms, rotary embedding, attention, MLPs, the block, the embedding layer.
 
 Every parameter is tagged with its μP role by the module that creates it (`param.mup_role`); the linear
-layers come from `megamu.parallel.layers`, and this file only picks their column/row roles.
+layers come from `megamu.parallel.layers`, and this file only picks their column/row roles and passes the
+tensor-parallel (TP) group. Under TP each rank holds n_heads/tp query heads, n_kv_heads/tp kv heads and
+ffn/tp MLP columns; under sequence parallelism (SP) the residual stream, norms and dropout between the
+TP regions hold seq_len/tp positions.
 All multipliers (attention scale, embedding multiplier) are passed in: their values come from
 `megamu.model.mup`, the one place that knows μP.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
-from megamu.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, RowParallelLinear,
+                                    TensorParallelInput, VocabParallelEmbedding, tag_parameter)
+from megamu.parallel.random import get_rng_tracker
 
 
-def _norm_param(shape: int, role: str) -> nn.Parameter:
-    param = nn.Parameter(torch.empty(shape))
-    param.mup_role = role
-    param.partition_dim = None
-    return param
+def _norm_param(shape: int, role: str, partial_grad: bool) -> nn.Parameter:
+    # Replicated over TP; `partial_grad`: each rank sees only a sequence shard (SP) or its own heads.
+    return tag_parameter(nn.Parameter(torch.empty(shape)), role, None, tp_size=1, partial_grad=partial_grad)
+
+
+def _rank_local_rng(active: bool) -> contextlib.AbstractContextManager:
+    """Dropout on TP-sharded activations draws from the per-rank stream, so shards get independent masks."""
+    return get_rng_tracker().fork() if active else contextlib.nullcontext()
+
+
+class ShardedDropout(nn.Dropout):
+    """Dropout whose masks come from the per-TP-rank RNG stream when its input is sharded across ranks."""
+
+    def __init__(self, p: float, sharded: bool) -> None:
+        super().__init__(p)
+        self.sharded = sharded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _rank_local_rng(self.sharded and self.training and self.p > 0):
+            return super().forward(x)
 
 
 class RMSNorm(nn.Module):
     """x / rms(x) · g, computed in fp32 whatever the input dtype (bf16 sums of squares lose precision)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, partial_grad: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _norm_param(dim, "norm")
+        self.weight = _norm_param(dim, "norm", partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -40,19 +62,19 @@ class RMSNorm(nn.Module):
 class LayerNorm(nn.Module):
     """LayerNorm with gain and bias, computed in fp32 (GPT-2 style)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, partial_grad: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _norm_param(dim, "norm")
-        self.bias = _norm_param(dim, "bias")
+        self.weight = _norm_param(dim, "norm", partial_grad)
+        self.bias = _norm_param(dim, "bias", partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
         return out.to(x.dtype)
 
 
-def make_norm(arch: str, dim: int, eps: float) -> nn.Module:
-    return LayerNorm(dim, eps) if arch == "gpt2" else RMSNorm(dim, eps)
+def make_norm(arch: str, dim: int, eps: float, partial_grad: bool = False) -> nn.Module:
+    return LayerNorm(dim, eps, partial_grad) if arch == "gpt2" else RMSNorm(dim, eps, partial_grad)
 
 
 class RotaryEmbedding(nn.Module):
@@ -81,10 +103,15 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA."""
+    """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA.
+
+    Heads are split across TP ranks: q/k/v column-parallel (rank r holds query heads r·n/tp ... and the kv
+    heads they read), o row-parallel.
+    """
 
     def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, scale: float,
-                 qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float) -> None:
+                 qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float,
+                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = hidden_size // n_heads
@@ -92,15 +119,20 @@ class Attention(nn.Module):
         self.dropout = dropout
         bias = arch == "gpt2"
         kv_size = n_kv_heads * self.head_dim
-        self.q = ColumnParallelLinear(hidden_size, hidden_size, bias, role="query")
-        self.k = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in")
-        self.v = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in")
-        self.o = RowParallelLinear(hidden_size, hidden_size, bias, role="hidden_out")
-        self.q_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
-        self.k_norm = make_norm(arch, self.head_dim, norm_eps) if qk_norm else None
+        tp = dict(group=group, sequence_parallel=sequence_parallel)
+        self.enter = TensorParallelInput(**tp)
+        self.q = ColumnParallelLinear(hidden_size, hidden_size, bias, role="query", input_is_parallel=True, **tp)
+        self.k = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in", input_is_parallel=True, **tp)
+        self.v = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in", input_is_parallel=True, **tp)
+        self.o = RowParallelLinear(hidden_size, hidden_size, bias, role="hidden_out", **tp)
+        self.heads_are_sharded = self.enter.tp_size > 1
+        # One gain shared by all heads, and each rank sees only its own heads: partial gradients under TP.
+        self.q_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
+        self.k_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
         self.rope = RotaryEmbedding(self.head_dim, rope_theta) if arch == "llama" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)  # under SP: the full sequence from here to o
         batch, seq_len, _ = x.shape
         q = self.q(x).view(batch, seq_len, -1, self.head_dim)
         k = self.k(x).view(batch, seq_len, -1, self.head_dim)
@@ -114,45 +146,55 @@ class Attention(nn.Module):
         if group > 1:  # grouped-query attention: every kv head serves `group` query heads
             k = k.repeat_interleave(group, dim=1)
             v = v.repeat_interleave(group, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        with _rank_local_rng(self.heads_are_sharded and dropout > 0):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout)
         return self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
 class SwiGLU(nn.Module):
     """Llama MLP: down(silu(gate(x)) · up(x))."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in")
-        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in")
-        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, role="hidden_out")
+        tp = dict(group=group, sequence_parallel=sequence_parallel)
+        self.enter = TensorParallelInput(**tp)
+        self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in", input_is_parallel=True, **tp)
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in", input_is_parallel=True, **tp)
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, role="hidden_out", **tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.enter(x)
         return self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 class GeluMLP(nn.Module):
     """GPT-2 MLP: down(gelu(up(x))) with biases."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int) -> None:
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, *, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=True, role="hidden_in")
-        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=True, role="hidden_out")
+        tp = dict(group=group, sequence_parallel=sequence_parallel)
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=True, role="hidden_in", **tp)
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=True, role="hidden_out", **tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)).
+
+    `sequence_sharded`: x holds this TP rank's slice of the sequence (SP), so dropout masks are per rank.
+    """
 
     def __init__(self, attention: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
-                 dropout: float) -> None:
+                 dropout: float, sequence_sharded: bool = False) -> None:
         super().__init__()
         self.attn_norm, self.attn = attn_norm, attention
         self.mlp_norm, self.mlp = mlp_norm, mlp
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ShardedDropout(dropout, sequence_sharded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x)))
@@ -160,24 +202,22 @@ class Block(nn.Module):
 
 
 class EmbeddingLayer(nn.Module):
-    """Token ids [B, T] → hidden [B, T, H]: token embedding (+ learned positions for GPT-2) × α_in."""
+    """Token ids [B, T] → hidden [B, T, H] (under SP [B, T/tp, H], this rank's sequence shard): token
+    embedding (+ learned positions for GPT-2) × α_in."""
 
     def __init__(self, vocab_size: int, hidden_size: int, *, max_seq_len: Optional[int], input_mult: float,
-                 dropout: float) -> None:
+                 dropout: float, group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.tokens = VocabParallelEmbedding(vocab_size, hidden_size)
-        self.positions = None
-        if max_seq_len is not None:
-            self.positions = nn.Parameter(torch.empty(max_seq_len, hidden_size))
-            self.positions.mup_role = "position"
-            self.positions.partition_dim = None
+        tp = dict(group=group, sequence_parallel=sequence_parallel)
+        self.tokens = VocabParallelEmbedding(vocab_size, hidden_size, **tp)
+        self.positions = ParallelPositionEmbedding(max_seq_len, hidden_size, **tp) if max_seq_len else None
         self.input_mult = input_mult
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = ShardedDropout(dropout, self.tokens.sequence_parallel)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.tokens(input_ids)
         if self.positions is not None:
-            x = x + self.positions[: input_ids.shape[1]]
+            x = x + self.positions(input_ids.shape[1])
         if self.input_mult != 1.0:
             x = x * self.input_mult
         return self.dropout(x)

@@ -5,61 +5,78 @@ one tensor, and `forward` is a loop over them, so pipeline parallelism can hand 
 DeepSpeed's PipelineModule.
 
 Padded vocabulary: the readout emits V_padded logits (cfg.padded_vocab_size(), for fast and TP-divisible
-matmuls). The loss slices them to the true vocabulary before the softmax, so padded entries never receive
-probability; callers sampling from the returned logits must slice `[..., :cfg.model.vocab_size]` too.
+matmuls). The loss excludes padded entries from the softmax, so they never receive probability; callers
+sampling from the returned logits must slice `[..., :cfg.model.vocab_size]` too.
+
+Tensor parallelism: `build_model(cfg, tp_group)` builds this rank's shard (heads, MLP columns and vocab
+rows split across the group; sequence parallelism when cfg.parallel.sequence_parallel). The loss is the
+vocab-parallel cross entropy on the sharded logits, so full logits are never gathered for training.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed import ProcessGroup
 
 from megamu.config import Config, ConfigError
 from megamu.model import mup
 from megamu.model.layers import Attention, Block, EmbeddingLayer, GeluMLP, SwiGLU, make_norm
-from megamu.parallel.layers import ParallelReadout
+from megamu.parallel.layers import ParallelReadout, register_partial_grad_allreduce
+from megamu.parallel.mappings import group_size
 
 
-def _build_block(cfg: Config) -> Block:
+def _build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> Block:
     m = cfg.model
+    tp = dict(group=group, sequence_parallel=sequence_parallel)
     attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
                           scale=mup.attention_scale(cfg), qk_norm=m.qk_norm,
-                          norm_eps=m.norm_eps, rope_theta=m.rope_theta, dropout=m.dropout)
+                          norm_eps=m.norm_eps, rope_theta=m.rope_theta, dropout=m.dropout, **tp)
     mlp_class = GeluMLP if m.arch == "gpt2" else SwiGLU
-    return Block(attention, mlp_class(m.hidden_size, cfg.ffn_hidden_size),
-                 attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps),
-                 mlp_norm=make_norm(m.arch, m.hidden_size, m.norm_eps), dropout=m.dropout)
+    return Block(attention, mlp_class(m.hidden_size, cfg.ffn_hidden_size, **tp),
+                 attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
+                 mlp_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel), dropout=m.dropout,
+                 sequence_sharded=sequence_parallel)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, tp_group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
         m = cfg.model
         self.vocab_size = m.vocab_size
         self.seq_len = m.seq_len
+        sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
+        tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
         embedding = EmbeddingLayer(cfg.padded_vocab_size(), m.hidden_size,
                                    max_seq_len=m.seq_len if m.arch == "gpt2" else None,
-                                   input_mult=mup.input_multiplier(cfg), dropout=m.dropout)
-        blocks = [_build_block(cfg) for _ in range(m.n_layers)]
-        readout = ParallelReadout(m.hidden_size, cfg.padded_vocab_size(), logit_scale=mup.output_multiplier(cfg))
-        self.layers = nn.ModuleList([embedding, *blocks, make_norm(m.arch, m.hidden_size, m.norm_eps), readout])
+                                   input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
+        blocks = [_build_block(cfg, tp_group, sequence_parallel) for _ in range(m.n_layers)]
+        final_norm = make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
+        readout = ParallelReadout(m.hidden_size, cfg.padded_vocab_size(), logit_scale=mup.output_multiplier(cfg),
+                                  **tp)
+        self.layers = nn.ModuleList([embedding, *blocks, final_norm, readout])
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits [B, T, V_padded], or with `labels` [B, T] the mean fp32 cross-entropy (labels -100 ignored)."""
+        """Logits [B, T, V_padded] (gathered over TP), or with `labels` [B, T] the mean fp32 cross entropy
+        over the true vocabulary (labels -100 ignored)."""
         if input_ids.shape[-1] > self.seq_len:
             raise ValueError(f"input has {input_ids.shape[-1]} tokens but model.seq_len is {self.seq_len}")
         x = input_ids
         for layer in self.layers:
             x = layer(x)
-        return x if labels is None else lm_loss(x, labels, self.vocab_size)
+        readout: ParallelReadout = self.layers[-1]
+        return readout.gather_logits(x) if labels is None else readout.loss(x, labels, self.vocab_size)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 over the true vocabulary (padded logits sliced off)."""
-    true_logits = logits[..., :vocab_size].float()
-    return F.cross_entropy(true_logits.reshape(-1, vocab_size), labels.reshape(-1), ignore_index=-100)
+def parameter_layout(cfg: Config) -> dict[str, tuple[Optional[int], str]]:
+    """Qualified name → (TP partition dim or None if replicated, μP role) of every parameter.
+
+    Read from a model built on the meta device (no memory, no init), e.g. to merge TP checkpoint shards.
+    """
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: (p.partition_dim, p.mup_role) for name, p in model.named_parameters()}
 
 
 def _check_buildable(cfg: Config) -> None:
@@ -68,16 +85,24 @@ def _check_buildable(cfg: Config) -> None:
     if cfg.model.arch == "llama" and cfg.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/n_heads = {cfg.head_dim}; "
                           f"change model.n_heads or model.hidden_size")
-    if cfg.parallel.tensor != 1:
-        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor}: tensor-parallel layers are not implemented "
-                          f"yet; set parallel.tensor=1")
 
 
-def build_model(cfg: Config) -> Transformer:
-    """The transformer on CPU in fp32, initialised by μP's rules (mup.init_weights) from cfg.train.seed."""
+def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> Transformer:
+    """This TP rank's transformer on CPU in fp32, initialised by μP's rules (mup.init_weights) from
+    cfg.train.seed; the shards of a TP=k model gather to the TP=1 model's weights.
+
+    tp_group: the tensor-parallel group of cfg.parallel.tensor ranks (None when it is 1). Gradients of
+    replicated parameters that each rank sees only part of (norms under sequence parallelism) are summed
+    over it in backward.
+    """
     _check_buildable(cfg)
-    model = Transformer(cfg)
+    if group_size(tp_group) != cfg.parallel.tensor:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} but the tensor-parallel group passed to "
+                          f"build_model has {group_size(tp_group)} rank(s); pass "
+                          f"get_parallel_state().get_tensor_model_parallel_group()")
+    model = Transformer(cfg, tp_group)
     mup.init_weights(model, cfg)
+    register_partial_grad_allreduce(model, tp_group)
     return model
 
 
