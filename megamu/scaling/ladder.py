@@ -93,11 +93,13 @@ def params_at(config: Optional[str], overrides: Sequence[str], width: int) -> in
 
 
 def width_for_params(config: Optional[str], overrides: Sequence[str], target_params: float) -> int:
-    """The multiple of the head dimension whose parameter count is nearest `target_params` (in log)."""
+    """The valid width (a multiple of head_dim · GQA group) whose parameter count is nearest `target_params` (in log)."""
     if not target_params > 0:
         raise ConfigError(f"target parameter count must be positive, got {target_params}")
-    head_dim = resolve_vocab(load_config(config, list(overrides))).head_dim
-    best, best_gap, width = head_dim, math.inf, head_dim
+    cfg = load_config(config, list(overrides))
+    group = cfg.model.n_heads // cfg.kv_heads if cfg.model.n_kv_heads is not None else 1
+    step = cfg.head_dim * group
+    best, best_gap, width = step, math.inf, step
     while True:
         params = params_at(config, overrides, width)
         gap = abs(math.log(params / target_params))
@@ -105,7 +107,7 @@ def width_for_params(config: Optional[str], overrides: Sequence[str], target_par
             best, best_gap = width, gap
         if params > target_params:  # counts grow with width: the next ones are only farther
             return best
-        width += head_dim
+        width += step
 
 
 def plan_ladder(

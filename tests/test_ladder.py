@@ -1,0 +1,140 @@
+"""Width ladder: widths -> configs (fixed head dim, base width kept), token budget rules, target
+parameter counts -> widths, bad input, and running + predicting a ladder with the fake trainer."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+from megamu.config import ConfigError, load_config
+from megamu.model import param_counts
+from megamu.scaling.fit import FitError
+from megamu.scaling.ladder import (
+    TokenBudget,
+    params_at,
+    plan_ladder,
+    predict_ladder,
+    width_for_params,
+    width_overrides,
+)
+from megamu.scaling.launch import MetricRule, run_all
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "tools"))
+import scale  # noqa: E402
+
+FAKE = [sys.executable, os.path.join(TESTS, "fake_trainer.py")]
+
+
+@pytest.fixture
+def base_config(tmp_path) -> str:
+    """Proxy: width 64, 4 heads of 16, 2 kv heads, base width 64; data files exist (empty)."""
+    prefix = tmp_path / "fake_text_document"
+    for ext in (".bin", ".idx"):
+        (tmp_path / f"fake_text_document{ext}").write_bytes(b"")
+    cfg = {"model": {"hidden_size": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2, "seq_len": 32,
+                     "vocab_size": 512},
+           "mup": {"base_hidden_size": 64},
+           "data": {"path": str(prefix)},
+           "train": {"global_batch_size": 4, "micro_batch_size": 4, "max_steps": 10, "warmup_steps": 2}}
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_width_overrides_keep_head_dim_and_group_ratio(base_config):
+    cfg = load_config(base_config)
+    assert width_overrides(cfg, 256) == ["model.hidden_size=256", "model.n_heads=16", "model.n_kv_heads=8"]
+    with pytest.raises(ConfigError, match="width 72 is not a positive multiple of the head dimension 16"):
+        width_overrides(cfg, 72)
+    with pytest.raises(ConfigError, match="grouped-query group size 2"):
+        width_overrides(cfg, 48)  # 3 heads cannot share kv heads in pairs
+
+
+def test_explicit_ffn_width_scales(base_config):
+    cfg = load_config(base_config, ["model.ffn_hidden_size=192"])
+    assert "model.ffn_hidden_size=384" in width_overrides(cfg, 128)
+
+
+def test_plan_fixed_steps(base_config, tmp_path):
+    specs = plan_ladder(base_config, ["train.lr=0.01"], [128, 64, 256], TokenBudget(steps=7), str(tmp_path / "l"))
+    assert [s.name for s in specs] == ["w64", "w128", "w256"]
+    assert [s.max_steps for s in specs] == [7, 7, 7]
+    cfgs = [load_config(base_config, s.overrides) for s in specs]
+    assert [c.model.hidden_size for c in cfgs] == [64, 128, 256]
+    assert [c.head_dim for c in cfgs] == [16, 16, 16]
+    assert all(c.mup.base_hidden_size == 64 and c.train.lr == 0.01 for c in cfgs)  # HPs transfer unchanged
+    assert [s.labels["tokens"] for s in specs] == [7 * 4 * 32] * 3
+
+
+def test_plan_tokens_proportional_to_params(base_config, tmp_path):
+    specs = plan_ladder(base_config, [], [64, 128, 256], TokenBudget(tokens_per_param=0.5), str(tmp_path))
+    for spec in specs:
+        cfg = load_config(base_config, spec.overrides)
+        params = param_counts(cfg)["total"]
+        assert spec.labels["params"] == params
+        assert spec.max_steps == -(-params // 2 // (4 * 32)) or spec.max_steps == int(-(-0.5 * params // 128))
+        assert spec.max_steps * 128 >= 0.5 * params > (spec.max_steps - 1) * 128
+    assert specs[0].max_steps < specs[1].max_steps < specs[2].max_steps
+
+
+def test_budget_and_plan_errors(base_config, tmp_path):
+    with pytest.raises(ConfigError, match="either a fixed number of steps or a tokens-per-param ratio"):
+        TokenBudget(steps=5, tokens_per_param=20)
+    with pytest.raises(ConfigError, match="fewer than train.warmup_steps=2"):
+        plan_ladder(base_config, [], [64], TokenBudget(steps=1), str(tmp_path))
+    with pytest.raises(ConfigError, match="widths repeat"):
+        plan_ladder(base_config, [], [64, 64], TokenBudget(), str(tmp_path))
+    with pytest.raises(ConfigError, match="fake_text_document.bin not found"):
+        plan_ladder(base_config, ["data.path=" + str(tmp_path / "missing" / "fake_text_document")], [64],
+                    TokenBudget(), str(tmp_path))
+
+
+def test_width_for_params_picks_the_nearest_multiple_of_head_dim(base_config):
+    for width in (64, 160, 320):
+        assert width_for_params(base_config, [], params_at(base_config, [], width)) == width
+    between = (params_at(base_config, [], 96) * params_at(base_config, [], 128)) ** 0.5 * 0.97
+    assert width_for_params(base_config, [], between) == 96
+
+
+def test_run_and_predict_a_ladder(base_config, tmp_path):
+    """The fake's loss is 2 + 40·params^-0.3 + const: the held-out largest rung is predicted closely."""
+    specs = plan_ladder(base_config, [], [32, 64, 96, 128, 192, 256, 512], TokenBudget(steps=10), str(tmp_path))
+    results = run_all(specs, MetricRule(smooth=1), parallel=2, trainer=FAKE, echo=False)
+    assert all(r.status == "done" for r in results)
+    report, _, dropped = predict_ladder(results, holdout=1, target=4e7, smooth=1, min_step=0)
+    assert dropped == []
+    (held,) = report["holdout"]
+    assert held["x"] == results[-1].params and abs(held["rel_error"]) < 1e-3
+    assert report["fit"]["b"] == pytest.approx(-0.3, abs=0.02)
+
+
+def test_failed_rungs_are_reported_not_fitted(base_config, tmp_path):
+    specs = plan_ladder(base_config, ["train.lr=0.25"], [64, 128], TokenBudget(steps=5), str(tmp_path))
+    results = run_all(specs, MetricRule(), trainer=FAKE, echo=False)
+    with pytest.raises(FitError, match="no rung of the ladder finished.*w64: failed"):
+        predict_ladder(results)
+
+
+def test_scale_tool_with_overlay_and_prediction(base_config, tmp_path, capsys):
+    overlay = tmp_path / "best.yaml"
+    overlay.write_text(yaml.safe_dump({"train": {"lr": 0.003}}))
+    out = str(tmp_path / "ladder")
+    code = scale.main(["--config", base_config, "--overlay", str(overlay), "--widths", "32,64,96,128,256",
+                       "--steps", "6", "--out", out, "--trainer", " ".join(FAKE), "--parallel", "2",
+                       "--predict", "--smooth", "1", "--min-step", "0", "--target-mult", "8"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "Holdout" in printed and "Prediction at params" in printed
+    report = json.load(open(os.path.join(out, "prediction.json")))
+    fake_params_256 = 24 * 256 ** 2 + 1024 * 256  # the target is 8x the largest rung's params (its meta line)
+    assert report["prediction"]["x"] == pytest.approx(8 * fake_params_256)
+    assert os.path.isfile(os.path.join(out, "prediction.png"))
+    with open(os.path.join(out, "w128", "train.log")) as log:
+        assert "train.lr=0.003" in log.readline()  # the overlay reached every rung
+    code = scale.main(["--config", base_config, "--overlay", str(tmp_path / "nope.yaml"), "--widths", "64",
+                       "--out", out])
+    assert code == 2 and "config file not found" in capsys.readouterr().err
