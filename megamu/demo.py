@@ -27,13 +27,16 @@ def banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 72 - len(text)), flush=True)
 
 
-def prepare_sample_data(out_dir: str, documents: int = 600, vocab_size: int = 4096,
+def prepare_sample_data(data_dir: str = "data", documents: int = 600, vocab_size: int = 4096,
                         tokenizer_sentences: int = 20_000, workers: int = 2) -> SampleData:
-    """Tokenizer + .bin/.idx for the first `documents` files of the sample corpus (reused if present)."""
-    data_dir = os.path.join(out_dir, "data")
+    """Tokenizer + .bin/.idx for the first `documents` files of the sample corpus (reused if present).
+
+    The defaults write data/tokenizer.model and data/sample_text_document.{bin,idx}, the paths that
+    configs/tiny.yaml names; delete the folder to rebuild with other settings.
+    """
     os.makedirs(data_dir, exist_ok=True)
     spec = f"sample:{documents}"
-    model_prefix = os.path.join(data_dir, f"sample_{vocab_size}")
+    model_prefix = os.path.join(data_dir, "tokenizer")
     tokenizer_model = model_prefix + ".model"
     if not os.path.isfile(tokenizer_model):
         banner(f"1. tokenizer: SentencePiece BPE, vocab {vocab_size}, on {spec}")
@@ -64,10 +67,11 @@ def show_samples(data: SampleData, count: int = 2, chars: int = 240) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/demo", help="demo directory (data, runs, plots)")
+    parser.add_argument("--out", default="runs/demo", help="demo directory (runs, plots)")
+    parser.add_argument("--data-dir", default="data", help="tokenizer and preprocessed sample corpus")
     parser.add_argument("--documents", type=int, default=600, help="sample-corpus files to use")
     args = parser.parse_args(argv)
-    data = prepare_sample_data(args.out, documents=args.documents)
+    data = prepare_sample_data(args.data_dir, documents=args.documents)
     banner("decoded samples from the memmapped dataset")
     show_samples(data)
 
