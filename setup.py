@@ -22,6 +22,7 @@ setup(
         "wandb": ["wandb>=0.16"],
         "apex": [],  # NVIDIA apex is never required; megamu uses torch-native fused ops.
         "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16"],
+        "bench": ["transformers>=4.40"],  # benchmarks/bench_train.py compares with HF LlamaForCausalLM
     },
     entry_points={
         "console_scripts": [
