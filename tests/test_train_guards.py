@@ -18,8 +18,8 @@ import megamu.model
 from megamu.train import main
 NAN_CALLS = {2} | set(range(4, 100))
 build_model = megamu.model.build_model
-def build_poisoned(cfg):
-    model = build_model(cfg)
+def build_poisoned(cfg, *tp_group):
+    model = build_model(cfg, *tp_group)
     calls = [0]
     def poison(module, inputs, output):
         calls[0] += 1

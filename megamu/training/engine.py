@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed
 
 from megamu.config import Config
 from megamu.parallel.state import ParallelState
@@ -28,12 +29,19 @@ class Engine:
     def unreduced_grad_norm(self) -> float:
         """Global gradient norm before clipping, for ZeRO 0 where DeepSpeed does not report one.
 
-        Called between the last backward and step(); gradients are already averaged over DP.
+        Called between the last backward and step(); gradients are already averaged over DP. Under tensor
+        parallelism a sharded parameter's gradient counts on every TP rank and a replicated one only on TP
+        rank 0 (DeepSpeed's rule), and the squares are summed over the model-parallel group.
         """
-        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-        if not grads:
-            return 0.0
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        mpu = self.engine.mpu
+        first_tp_rank = mpu.get_tensor_model_parallel_rank() == 0
+        grads = [p.grad for p in self.engine.module.parameters()
+                 if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))]
+        squares = torch.zeros((), dtype=torch.float32, device=self.engine.device)
+        for g in grads:
+            squares += torch.linalg.vector_norm(g.float()) ** 2
+        torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
+        return float(squares.sqrt())
 
 
 def _innermost_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
@@ -48,7 +56,7 @@ def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Engine:
     import deepspeed
     from megamu.model import build_model
 
-    model = build_model(cfg)
+    model = build_model(cfg, state.get_tensor_model_parallel_group())
     optimizer = build_optimizer(model, cfg)
     reference = [{"name": g["name"], "lr_mult": g["lr_mult"]} for g in optimizer.param_groups]
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=state)

@@ -76,6 +76,7 @@ class Trainer:
         from megamu.data import build_datasets
         from megamu.model import flops_per_token, param_counts
         from megamu.parallel import initialize_parallel
+        from megamu.parallel.random import seed_tensor_parallel_rng
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.cfg = prepare_config(cfg, world_size)
@@ -92,6 +93,8 @@ class Trainer:
             save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
 
         _seed_everything(t.seed)
+        # Dropout inside TP regions draws from a per-TP-rank stream (megamu.parallel.random).
+        seed_tensor_parallel_rng(t.seed, self.state.get_tensor_model_parallel_group())
         self.datasets = build_datasets(cfg, {"train": t.max_steps * t.global_batch_size,
                                              "valid": t.eval_iters * t.global_batch_size})
         self.bytes_per_token = _bytes_per_token(cfg)
