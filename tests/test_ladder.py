@@ -130,8 +130,7 @@ def test_scale_tool_with_overlay_and_prediction(base_config, tmp_path, capsys):
     assert code == 0, printed
     assert "Holdout" in printed and "Prediction at params" in printed
     report = json.load(open(os.path.join(out, "prediction.json")))
-    fake_params_256 = 24 * 256 ** 2 + 1024 * 256  # the target is 8x the largest rung's params (its meta line)
-    assert report["prediction"]["x"] == pytest.approx(8 * fake_params_256)
+    assert report["prediction"]["x"] == pytest.approx(8 * params_at(base_config, [], 256))
     assert os.path.isfile(os.path.join(out, "prediction.png"))
     with open(os.path.join(out, "w128", "train.log")) as log:
         assert "train.lr=0.003" in log.readline()  # the overlay reached every rung

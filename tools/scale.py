@@ -84,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_ladder(results, rule))
         if not args.predict:
             return 0 if all(r.status == "done" for r in results) else 1
-        largest = max(r.params for r in results if r.params is not None)
+        largest = max(r.labels["params"] for r in results)
         target = args.target or (args.target_mult * largest if args.target_mult else None)
         report, fit, dropped = predict_ladder(results, args.holdout, target, args.metric, args.smooth, args.min_step)
     except (ConfigError, FitError, ValueError) as exc:

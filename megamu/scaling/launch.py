@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
@@ -133,7 +135,8 @@ def classify(spec: RunSpec, returncode: Optional[int], rule: MetricRule) -> RunR
     except FitError as exc:
         result.reason, result.log_tail = str(exc), _log_tail(spec.run_dir)
         return result
-    threshold = rule.diverge_above if rule.diverge_above is not None else uniform_loss(meta, losses[0])
+    first_loss = losses[0] if losses else math.inf
+    threshold = rule.diverge_above if rule.diverge_above is not None else uniform_loss(meta, first_loss)
     result.value, result.tokens = point.loss, point.tokens
     if point.loss > threshold:
         result.status = "diverged"
@@ -157,12 +160,13 @@ def _write_status(result: RunResult) -> None:
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
 
 
-def previous_result(spec: RunSpec) -> Optional[RunResult]:
-    """The recorded final outcome of a run from an earlier launch, or None if it must (re)run."""
+def previous_result(spec: RunSpec, rule: MetricRule) -> Optional[RunResult]:
+    """A run that ended (done or diverged) in an earlier launch, scored again under `rule` (the metric
+    may differ from last time); None if it must (re)run."""
     status = read_status(spec.run_dir)
     if status is None or status.get("status") not in FINAL_STATUSES:
         return None
-    return RunResult(**{**status, "name": spec.name, "run_dir": spec.run_dir, "labels": spec.labels})
+    return classify(spec, status.get("returncode"), rule)
 
 
 def run_all(
@@ -183,7 +187,7 @@ def run_all(
     results: dict[str, RunResult] = {}
     todo = []
     for spec in specs:
-        earlier = previous_result(spec)
+        earlier = previous_result(spec, rule)
         if earlier is not None:
             results[spec.name] = earlier
             if echo:
@@ -191,6 +195,9 @@ def run_all(
         else:
             todo.append(spec)
     running: list[tuple[RunSpec, subprocess.Popen, object, float]] = []
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread:  # `kill` as well as Ctrl-C must reach the clean-up below
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         _drive(todo, running, results, rule, parallel, trainer, threads, echo)
     finally:
@@ -198,7 +205,13 @@ def run_all(
             proc.terminate()
             proc.wait()
             log.close()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return [results[s.name] for s in specs]
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel: int, trainer: Sequence[str],

@@ -1,0 +1,134 @@
+"""μTransfer check: final loss vs log2(η) at widths 64..512, under μP and under SP, on the sample corpus.
+
+    python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 100] [--parallel 2]
+
+Model: configs/mup_proxy.yaml (llama, 2 layers, head dim 16, seq 64, batch 8, base width 64) on
+the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
+SP: mup.enabled=false. At width 64 (m = 1) μP and SP are the same model with the same updates (a
+tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ and
+prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from megamu.demo import prepare_sample_data  # noqa: E402
+from megamu.scaling.launch import MetricRule, RunResult  # noqa: E402
+from megamu.scaling.sweep import SweepPlan, best_result, run_sweep  # noqa: E402
+from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value  # noqa: E402
+
+PROXY_CONFIG = os.path.join(REPO, "configs", "mup_proxy.yaml")
+FIGURES = os.path.join(REPO, "benchmarks", "figures")
+BASE_WIDTH = 64
+WIDTHS = [64, 128, 256, 512]
+LOG2_LRS = [-9, -8, -7, -6, -5]
+# Every run sees the same batches in the same order, so the mean train loss over the last 10 records
+# (steps 55-100) compares runs on identical data and averages out the last few batches' luck.
+RULE = MetricRule(metric="train", smooth=10)
+
+
+def bench_data(data_dir: str = "runs/bench/data") -> list[str]:
+    """Overrides pointing the proxy config at the benchmark corpus (built once, then reused)."""
+    data = prepare_sample_data(data_dir, documents=600, vocab_size=1024)
+    return [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}"]
+
+
+def lr_values(log2s: list[float]) -> list[float]:
+    return [2.0 ** v for v in log2s]
+
+
+def copy_shared_runs(src: str, dst: str, width: int) -> None:
+    """Seed the SP sweep with the μP runs at m = 1, where both are the same model."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src) if os.path.isdir(src) else []:
+        if name.startswith(f"w{width}__") and not os.path.exists(os.path.join(dst, name)):
+            shutil.copytree(os.path.join(src, name), os.path.join(dst, name),
+                            ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def best_log2(results: list[RunResult], width: int) -> Optional[float]:
+    best = best_result(results, width)
+    return None if best is None else math.log2(best.labels["hps"]["train.lr"])
+
+
+def markdown(name: str, results: list[RunResult], log2s: list[float], widths: list[int]) -> list[str]:
+    curves = best_curves(results, "train.lr")
+    lines = [f"**{name}** — mean train loss of steps 55-100; best per width in bold, `div` = diverged",
+             "", "| width | " + " | ".join(f"η=2^{v:g}" for v in log2s) + " | best log2 η |",
+             "| --- |" + " --- |" * (len(log2s) + 1)]
+    for width in widths:
+        curve = curves.get(width, {})
+        best = best_log2(results, width)
+        cells = []
+        for v in log2s:
+            loss = curve.get(2.0 ** v, "missing")
+            text = "div" if loss is None else "n/a" if loss == "missing" else f"{loss:.4f}"
+            cells.append(f"**{text}**" if best is not None and v == best else text)
+        lines.append(f"| {width} | " + " | ".join(cells) + f" | {'n/a' if best is None else f'{best:g}'} |")
+    return lines
+
+
+def verdict(mup: list[RunResult], sp: list[RunResult], widths: list[int], step: float) -> list[str]:
+    def shift(results: list[RunResult]) -> float:
+        bests = [b for w in widths if (b := best_log2(results, w)) is not None]
+        return (max(bests) - min(bests)) / step if bests else math.nan
+
+    mup_best = [best_result(mup, w) for w in widths]
+    monotone = all(a is not None and b is not None and b.value <= a.value for a, b in zip(mup_best, mup_best[1:]))
+    return [
+        f"- μP: best η moves by {shift(mup):g} grid step(s) across widths {widths} "
+        f"({'within one step' if shift(mup) <= 1 else 'MORE than one step'}); "
+        f"the best loss {'falls' if monotone else 'does NOT fall'} monotonically with width "
+        f"({', '.join(f'{b.value:.4f}' if b else 'n/a' for b in mup_best)}).",
+        f"- SP: best η moves by {shift(sp):g} grid step(s) "
+        f"(best log2 η per width: {', '.join(f'{best_log2(sp, w):g}' if best_log2(sp, w) is not None else 'n/a' for w in widths)}).",
+    ]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench/mutransfer")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
+    parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)))
+    args = parser.parse_args(argv)
+    widths = [int(w) for w in args.widths.split(",")]
+    log2s = [float(v) for v in args.log2_lrs.split(",")]
+    overrides = [*bench_data(), f"train.max_steps={args.steps}"]
+    points = [{"train.lr": lr} for lr in lr_values(log2s)]
+    start = time.time()
+    mup_dir, sp_dir = os.path.join(args.out, "mup"), os.path.join(args.out, "sp")
+    mup, _ = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, widths, mup_dir), RULE, args.parallel)
+    if BASE_WIDTH in widths:
+        copy_shared_runs(mup_dir, sp_dir, BASE_WIDTH)
+    sp, _ = run_sweep(SweepPlan(PROXY_CONFIG, [*overrides, "mup.enabled=false"], points, widths, sp_dir),
+                      RULE, args.parallel)
+    os.makedirs(FIGURES, exist_ok=True)
+    for name, results in (("mup", mup), ("sp", sp)):
+        label = "μP" if name == "mup" else "SP"
+        plot_loss_vs_value(results, os.path.join(FIGURES, f"mutransfer_{name}.png"), RULE.metric,
+                           title=f"{label}: train loss (mean of last 10 records) vs log2(η), {args.steps} steps")
+    step = min(b - a for a, b in zip(sorted(log2s), sorted(log2s)[1:]))
+    lines = [*markdown("μP", mup, log2s, widths), "", *markdown("SP", sp, log2s, widths), "",
+             *verdict(mup, sp, widths, step), "", f"Wall time: {(time.time() - start) / 60:.1f} min."]
+    print("\n".join(lines))
+    with open(os.path.join(args.out, "table.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with open(os.path.join(args.out, "results.json"), "w") as handle:
+        json.dump({"mup": [r.to_dict() for r in mup], "sp": [r.to_dict() for r in sp]}, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Loss-prediction accuracy: fit a μP width ladder, predict a width with ≥4× the params, compare.
+
+    python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--parallel 2]
+
+Same model, corpus and steps as bench_mutransfer.py. η is the best learning rate of the width-64
+proxy (read from the μTransfer sweep when it has run, else swept here), transferred unchanged.
+The ladder trains widths 32..192 (fitted) and 512 (held out: ~6× the params of the largest
+fitted rung); L = a·params^b + c is fitted on the final losses (mean train loss of the last 10
+records, as in the μTransfer benchmark: every rung sees the same batches) and the held-out rung's
+predicted loss and 90% interval are compared with what it reached. The same ladder under SP
+(mup.enabled=false, the same η) is the contrast. A rung whose resolved config equals a finished
+run of the μTransfer sweep is copied from it instead of being trained again (identical runs).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from typing import Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, RULE, bench_data, lr_values  # noqa: E402
+
+from megamu.config import load_config  # noqa: E402
+from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder, resolve_vocab  # noqa: E402
+from megamu.scaling.launch import RunSpec, run_all  # noqa: E402
+from megamu.scaling.plot import plot_prediction  # noqa: E402
+from megamu.scaling.predict import format_report  # noqa: E402
+from megamu.scaling.sweep import SweepPlan, run_name, run_sweep  # noqa: E402
+
+FIT_WIDTHS = [32, 48, 64, 96, 128, 192]
+TARGET_WIDTH = 512
+
+
+def proxy_lr(mutransfer_dir: str, overrides: list[str], out: str, parallel: int) -> float:
+    """The best η at the proxy width: from the μTransfer sweep's summary, else a sweep run here."""
+    summary_path = os.path.join(mutransfer_dir, "mup", "sweep.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as handle:
+            best = json.load(handle)["best_per_width"].get(str(BASE_WIDTH))
+        if best is not None:
+            return best["hps"]["train.lr"]
+    points = [{"train.lr": lr} for lr in lr_values(LOG2_LRS)]
+    _, summary = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, [BASE_WIDTH], os.path.join(out, "proxy")),
+                           RULE, parallel)
+    return summary["best"]["hps"]["train.lr"]
+
+
+def _resolved(config: str, overrides: list[str]) -> dict:
+    """The run's full config, its directory left out and the tokenizer named by its content."""
+    cfg = resolve_vocab(load_config(config, overrides)).to_dict()
+    cfg["train"].pop("out_dir")
+    with open(cfg["data"]["tokenizer_model"], "rb") as handle:
+        cfg["data"]["tokenizer_model"] = hashlib.sha256(handle.read()).hexdigest()
+    return cfg
+
+
+def reuse_identical_runs(specs: list[RunSpec], sweep_dir: str, lr: float) -> list[str]:
+    """Copy finished sweep runs whose saved config equals a rung's; returns the rungs reused."""
+    reused = []
+    for spec in specs:
+        source = os.path.join(sweep_dir, run_name({"train.lr": lr}, spec.labels["width"]))
+        saved = os.path.join(source, "config.yaml")
+        if os.path.exists(spec.run_dir) or not os.path.isfile(os.path.join(source, "run_status.json")):
+            continue
+        if _resolved(saved, []) == _resolved(PROXY_CONFIG, spec.overrides):
+            shutil.copytree(source, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+            reused.append(spec.name)
+    return reused
+
+
+def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace) -> dict:
+    specs = plan_ladder(PROXY_CONFIG, [*overrides, f"train.lr={lr}"], [*FIT_WIDTHS, TARGET_WIDTH],
+                        TokenBudget(steps=args.steps), os.path.join(args.out, name))
+    reused = reuse_identical_runs(specs, os.path.join(args.mutransfer, name), lr)
+    results = run_all(specs, RULE, args.parallel)
+    report, fit, dropped = predict_ladder(results, holdout=1, metric=RULE.metric, smooth=RULE.smooth)
+    label = "μP" if name == "mup" else "SP"
+    print(f"\n===== {label} ladder (η = {lr:g}; reused from the μTransfer sweep: {', '.join(reused) or 'none'}) =====")
+    for note in dropped:
+        print(f"left out of the fit: {note}")
+    print(format_report(report))
+    plot_prediction(report, fit, os.path.join(FIGURES, f"prediction_{name}.png"))
+    with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
+        json.dump(report, handle, indent=1)
+    return report
+
+
+def row(label: str, report: dict) -> str:
+    fitted = [p for p in report["points"] if p["used"]]
+    if not report["holdout"]:
+        return f"| {label} | {len(fitted)} | – | – | – | – | held-out rung did not finish |"
+    (held,) = report["holdout"]
+    lo, hi = held["interval"] or (float("nan"), float("nan"))
+    ratio = held["x"] / max(p["x"] for p in fitted)
+    inside = "yes" if lo <= held["actual"] <= hi else "no"
+    fit = report["fit"]
+    return (f"| {label} | {len(fitted)} | {held['x']:,.0f} ({ratio:.1f}×) | {held['actual']:.4f} | "
+            f"{held['predicted']:.4f} | {held['rel_error'] * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] {inside} | "
+            f"{fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/bench/prediction")
+    parser.add_argument("--mutransfer", default="runs/bench/mutransfer", help="bench_mutransfer.py's --out")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--parallel", type=int, default=2)
+    args = parser.parse_args(argv)
+    start = time.time()
+    overrides = [*bench_data(), f"train.max_steps={args.steps}"]
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(FIGURES, exist_ok=True)
+    lr = proxy_lr(args.mutransfer, overrides, args.out, args.parallel)
+    reports = {"mup": ladder("mup", overrides, lr, args), "sp": ladder("sp", [*overrides, "mup.enabled=false"], lr, args)}
+    lines = ["| parametrization | rungs fitted | held-out params (× largest fitted) | actual loss | predicted | "
+             "rel. error | 90% interval, contains actual | fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
+             row("μP", reports["mup"]), row("SP", reports["sp"]), "",
+             f"η = {lr:g} (best at the width-64 proxy), {args.steps} steps; wall time {(time.time() - start) / 60:.1f} min."]
+    print("\n" + "\n".join(lines))
+    with open(os.path.join(args.out, "table.md"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
