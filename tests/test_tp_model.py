@@ -163,6 +163,18 @@ def test_attention_dropout_draws_from_the_tp_rank_stream_only_in_training():
     assert run_distributed(2, _attention_dropout_uses_rank_stream) == [[False, True], [False, True]]
 
 
+def test_checkpoint_rng_state_restores_the_tp_stream():
+    from megamu.training.checkpoint import rng_state, set_rng_state
+
+    seed_tensor_parallel_rng(3, None)
+    saved = rng_state()
+    with get_rng_tracker().fork():
+        first = torch.rand(4)
+    set_rng_state(saved)
+    with get_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), first)
+
+
 # ---- config errors --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, world, message", [

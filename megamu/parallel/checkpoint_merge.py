@@ -24,6 +24,9 @@ def model_shard_paths(checkpoint_dir: str, tag: str) -> list[str]:
         raise FileNotFoundError(f"checkpoint {folder} does not exist; pick a tag that is in {checkpoint_dir}")
     found = {int(m.group(1)): path for path in glob.glob(os.path.join(folder, "mp_rank_*_model_states.pt"))
              if (m := _SHARD_FILE.search(path))}
+    if not found and glob.glob(os.path.join(folder, "zero_pp_rank_*_mp_rank_*_model_states.pt")):
+        raise ValueError(f"{folder} is a ZeRO stage 3 checkpoint: its parameters live partitioned in the optimizer "
+                         f"files, and merging those across TP ranks is not supported; train with ZeRO 0-2 to merge")
     if not found:
         raise FileNotFoundError(f"{folder} holds no mp_rank_XX_model_states.pt files; is it a DeepSpeed checkpoint "
                                 f"(pipeline-parallel checkpoints keep per-layer files and are not supported)?")
@@ -62,9 +65,6 @@ def merge_tp_shards(shards: list[dict[str, torch.Tensor]],
                              f"merge with the config the checkpoint was trained with")
     for name, dim in partition_dims.items():
         pieces = [shard[name] for shard in shards]
-        if any(p.numel() == 0 for p in pieces):
-            raise ValueError(f"{name} is empty in the saved model states: ZeRO stage 3 keeps parameters only in "
-                             f"its partitioned optimizer files; save with ZeRO 0-2 to merge TP shards")
         if dim is None:
             for rank, piece in enumerate(pieces[1:], start=1):
                 if not torch.equal(piece, pieces[0]):
