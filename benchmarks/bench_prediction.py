@@ -54,9 +54,10 @@ def proxy_lr(mutransfer_dir: str, overrides: list[str], out: str, parallel: int)
 
 
 def _resolved(config: str, overrides: list[str]) -> dict:
-    """The run's full config, its directory left out and the tokenizer named by its content."""
+    """The run's full config, its directory and resume flag left out, the tokenizer named by its content."""
     cfg = resolve_vocab(load_config(config, overrides)).to_dict()
     cfg["train"].pop("out_dir")
+    cfg["train"].pop("resume")
     with open(cfg["data"]["tokenizer_model"], "rb") as handle:
         cfg["data"]["tokenizer_model"] = hashlib.sha256(handle.read()).hexdigest()
     return cfg
