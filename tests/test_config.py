@@ -99,3 +99,12 @@ def test_config_error_stops_the_entry_point_before_allocation(tmp_path, tiny_dat
     assert result.returncodes == [1]
     assert "config error: model.n_heads=3 does not divide model.hidden_size=256" in result.ranks[0].output
     assert not os.path.exists(out_dir)
+
+
+def test_entry_point_accepts_the_launchers_local_rank_and_overrides_anywhere():
+    from megamu.train import parse_args
+
+    args = parse_args(["--local_rank=1", "--config", "c.yaml", "train.lr=0.1", "--deepspeed_config",
+                       "ds_configs/zero2.json", "train.max_steps=5"])
+    assert (args.config, args.deepspeed_config) == ("c.yaml", "ds_configs/zero2.json")
+    assert args.overrides == ["train.lr=0.1", "train.max_steps=5"]
