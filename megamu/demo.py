@@ -3,7 +3,9 @@
 Stages (each prints what it did; re-running reuses finished stages):
   1. train a SentencePiece tokenizer on the sample corpus,
   2. preprocess the corpus into Megatron-compatible .bin/.idx, print the summary and decoded samples,
-  3. train the tiny μP model with the DeepSpeed engine and plot its loss curve.
+  3. train the tiny μP model with the DeepSpeed engine and plot its loss curve,
+  4. μScaling: sweep η at the proxy width (configs/mup_proxy.yaml), train a width ladder with the
+     transferred η, fit L = a·params^b + c on all but the largest rung and predict it (and 8× it).
 """
 from __future__ import annotations
 
@@ -65,15 +67,89 @@ def show_samples(data: SampleData, count: int = 2, chars: int = 240) -> None:
         print(text[:chars])
 
 
+# ---- μScaling stages: sweep the proxy, transfer to a width ladder, predict the largest -------
+MUP_PROXY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                "mup_proxy.yaml")
+DEMO_LRS = [2.0 ** e for e in (-9, -8, -7, -6, -5)]
+DEMO_WIDTHS = [32, 48, 64, 96, 128]
+# Runs see the same batches in the same order: the mean of the last 10 train records compares them fairly.
+DEMO_METRIC = {"metric": "train", "smooth": 10}
+
+
+def sweep_proxy(data: SampleData, out_dir: str, parallel: int) -> dict:
+    """A learning-rate sweep at the proxy width; returns the sweep summary (best point in best.yaml)."""
+    from megamu.scaling.launch import MetricRule
+    from megamu.scaling.sweep import SweepPlan, format_best, format_table, run_sweep
+
+    banner(f"μScaling 1/3: sweep η over {len(DEMO_LRS)} values at the proxy width (configs/mup_proxy.yaml)")
+    overrides = [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}"]
+    plan = SweepPlan(MUP_PROXY_CONFIG, overrides, [{"train.lr": lr} for lr in DEMO_LRS], [None],
+                     os.path.join(out_dir, "sweep"))
+    rule = MetricRule(**DEMO_METRIC)
+    results, summary = run_sweep(plan, rule, parallel)
+    print(format_table(results, rule))
+    print(format_best(summary))
+    if summary["best"] is None:
+        raise SystemExit("no sweep run finished: see the train.log files in " + plan.out_dir)
+    return summary
+
+
+def run_ladder(data: SampleData, out_dir: str, best_yaml: str, parallel: int) -> list:
+    """The proxy's best hyper-parameters, unchanged, at every width of DEMO_WIDTHS."""
+    from megamu.scaling.ladder import TokenBudget, format_ladder, plan_ladder
+    from megamu.scaling.launch import MetricRule, run_all
+    from megamu.scaling.sweep import overlay_overrides
+
+    banner(f"μScaling 2/3: width ladder {DEMO_WIDTHS} with the transferred hyper-parameters ({best_yaml})")
+    overrides = [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}",
+                 *overlay_overrides(best_yaml)]
+    specs = plan_ladder(MUP_PROXY_CONFIG, overrides, DEMO_WIDTHS, TokenBudget(), os.path.join(out_dir, "ladder"))
+    rule = MetricRule(**DEMO_METRIC)
+    results = run_all(specs, rule, parallel)
+    print(format_ladder(results, rule))
+    return results
+
+
+def predict_largest(results: list, out_dir: str, target_mult: float = 8.0) -> dict:
+    """Fit all but the largest rung; print its predicted vs actual loss and the loss at target_mult× its params."""
+    from megamu.scaling.ladder import predict_ladder
+    from megamu.scaling.plot import plot_prediction
+    from megamu.scaling.predict import format_report
+
+    banner(f"μScaling 3/3: fit L = a·params^b + c on all but the largest rung, predict it and {target_mult:g}× it")
+    largest = max(r.labels["params"] for r in results)
+    report, fit, dropped = predict_ladder(results, holdout=1, target=target_mult * largest, **DEMO_METRIC)
+    for note in dropped:
+        print(f"left out of the fit: {note}")
+    print(format_report(report))
+    plot = os.path.join(out_dir, "prediction.png")
+    plot_prediction(report, fit, plot)
+    for held in report["holdout"]:
+        print(f"\nlargest rung ({held['x']:,.0f} params): predicted {held['predicted']:.4f}, actual {held['actual']:.4f} "
+              f"({held['rel_error'] * 100:+.2f}%)")
+    print(f"prediction at {report['prediction']['x']:,.0f} params ({target_mult:g}×): {report['prediction']['loss']:.4f}")
+    print(f"plot: {plot}")
+    return report
+
+
+def muscaling(data: SampleData, out_dir: str, parallel: int = 2) -> dict:
+    """Sweep at the proxy width → ladder with the transferred η → fit and predict (resumable)."""
+    sweep_proxy(data, out_dir, parallel)
+    results = run_ladder(data, out_dir, os.path.join(out_dir, "sweep", "best.yaml"), parallel)
+    return predict_largest(results, out_dir)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (runs, plots)")
     parser.add_argument("--data-dir", default="data", help="tokenizer and preprocessed sample corpus")
     parser.add_argument("--documents", type=int, default=600, help="sample-corpus files to use")
+    parser.add_argument("--parallel", type=int, default=2, help="training runs at a time in the μScaling stages")
     args = parser.parse_args(argv)
     data = prepare_sample_data(args.data_dir, documents=args.documents)
     banner("decoded samples from the memmapped dataset")
     show_samples(data)
+    muscaling(data, os.path.join(args.out, "muscaling"), args.parallel)
 
 
 if __name__ == "__main__":
