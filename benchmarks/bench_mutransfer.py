@@ -79,20 +79,22 @@ def markdown(name: str, results: list[RunResult], log2s: list[float], widths: li
 
 
 def verdict(mup: list[RunResult], sp: list[RunResult], widths: list[int], step: float) -> list[str]:
-    def shift(results: list[RunResult]) -> float:
-        bests = [b for w in widths if (b := best_log2(results, w)) is not None]
-        return (max(bests) - min(bests)) / step if bests else math.nan
+    """How far each width's best η lies from the proxy's (in grid steps), and whether wider is better."""
+    def summary(label: str, results: list[RunResult]) -> str:
+        bests = {w: best_log2(results, w) for w in widths}
+        proxy = bests[widths[0]]
+        found = [b for b in bests.values() if b is not None]
+        off = max(abs(b - proxy) for b in found) / step if found and proxy is not None else math.nan
+        spread = (max(found) - min(found)) / step if found else math.nan
+        losses = [best_result(results, w) for w in widths]
+        monotone = all(a is not None and b is not None and b.value <= a.value for a, b in zip(losses, losses[1:]))
+        return (f"- {label}: best log2 η per width {', '.join('n/a' if b is None else f'{b:g}' for b in bests.values())}"
+                f" — at most {off:g} grid step(s) from the width-{widths[0]} proxy's best "
+                f"({'within one step' if off <= 1 else 'more than one step'}), spread {spread:g} step(s); "
+                f"best loss per width {', '.join(f'{r.value:.4f}' if r else 'n/a' for r in losses)} "
+                f"({'never worse when wider' if monotone else 'NOT monotone in width'}).")
 
-    mup_best = [best_result(mup, w) for w in widths]
-    monotone = all(a is not None and b is not None and b.value <= a.value for a, b in zip(mup_best, mup_best[1:]))
-    return [
-        f"- μP: best η moves by {shift(mup):g} grid step(s) across widths {widths} "
-        f"({'within one step' if shift(mup) <= 1 else 'MORE than one step'}); "
-        f"the best loss {'falls' if monotone else 'does NOT fall'} monotonically with width "
-        f"({', '.join(f'{b.value:.4f}' if b else 'n/a' for b in mup_best)}).",
-        f"- SP: best η moves by {shift(sp):g} grid step(s) "
-        f"(best log2 η per width: {', '.join(f'{best_log2(sp, w):g}' if best_log2(sp, w) is not None else 'n/a' for w in widths)}).",
-    ]
+    return [summary("μP", mup), summary("SP", sp)]
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,15 +1,17 @@
 """Loss-prediction accuracy: fit a μP width ladder, predict a width with ≥4× the params, compare.
 
-    python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--parallel 2]
+    python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
+        [--log2-lrs=-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
 
-Same model, corpus and steps as bench_mutransfer.py. η is the best learning rate of the width-64
-proxy (read from the μTransfer sweep when it has run, else swept here), transferred unchanged.
-The ladder trains widths 32..192 (fitted) and 512 (held out: ~6× the params of the largest
-fitted rung); L = a·params^b + c is fitted on the final losses (mean train loss of the last 10
-records, as in the μTransfer benchmark: every rung sees the same batches) and the held-out rung's
-predicted loss and 90% interval are compared with what it reached. The same ladder under SP
-(mup.enabled=false, the same η) is the contrast. A rung whose resolved config equals a finished
-run of the μTransfer sweep is copied from it instead of being trained again (identical runs).
+Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
+sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
+and the target width (held out: ≥4× the params of the largest fitted rung); L = a·params^b + c
+is fitted on the final losses (mean train loss of the last 10 records, as in the μTransfer
+benchmark: every rung sees the same batches) and the held-out rung's predicted loss and 90%
+interval are compared with what it reached. The same ladder under SP (mup.enabled=false, the
+same η) is the contrast. A rung whose resolved config equals a finished run of the μTransfer
+sweep is copied from it instead of being trained again (identical runs). A ladder whose losses do
+not fall with params is reported as such (no fit), not as a crash.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, RULE, bench_data, lr_values  # noqa: E402
 
 from megamu.config import load_config  # noqa: E402
+from megamu.scaling.fit import FitError  # noqa: E402
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder, resolve_vocab  # noqa: E402
 from megamu.scaling.launch import RunSpec, run_all  # noqa: E402
 from megamu.scaling.plot import plot_prediction  # noqa: E402
@@ -39,17 +42,13 @@ FIT_WIDTHS = [32, 48, 64, 96, 128, 192]
 TARGET_WIDTH = 512
 
 
-def proxy_lr(mutransfer_dir: str, overrides: list[str], out: str, parallel: int) -> float:
-    """The best η at the proxy width: from the μTransfer sweep's summary, else a sweep run here."""
-    summary_path = os.path.join(mutransfer_dir, "mup", "sweep.json")
-    if os.path.isfile(summary_path):
-        with open(summary_path) as handle:
-            best = json.load(handle)["best_per_width"].get(str(BASE_WIDTH))
-        if best is not None:
-            return best["hps"]["train.lr"]
-    points = [{"train.lr": lr} for lr in lr_values(LOG2_LRS)]
+def proxy_lr(overrides: list[str], log2s: list[float], out: str, parallel: int) -> float:
+    """The best η of a sweep at the proxy width under the ladder's own token budget."""
+    points = [{"train.lr": lr} for lr in lr_values(log2s)]
     _, summary = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, [BASE_WIDTH], os.path.join(out, "proxy")),
                            RULE, parallel)
+    if summary["best"] is None:
+        raise SystemExit(f"no proxy run finished; see {os.path.join(out, 'proxy')}")
     return summary["best"]["hps"]["train.lr"]
 
 
@@ -78,23 +77,35 @@ def reuse_identical_runs(specs: list[RunSpec], sweep_dir: str, lr: float) -> lis
 
 
 def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace) -> dict:
-    specs = plan_ladder(PROXY_CONFIG, [*overrides, f"train.lr={lr}"], [*FIT_WIDTHS, TARGET_WIDTH],
+    specs = plan_ladder(PROXY_CONFIG, [*overrides, f"train.lr={lr}"], [*args.fit_widths, args.target_width],
                         TokenBudget(steps=args.steps), os.path.join(args.out, name))
     reused = reuse_identical_runs(specs, os.path.join(args.mutransfer, name), lr)
     results = run_all(specs, RULE, args.parallel)
-    report, fit, dropped = predict_ladder(results, holdout=1, metric=RULE.metric, smooth=RULE.smooth)
     label = "μP" if name == "mup" else "SP"
     print(f"\n===== {label} ladder (η = {lr:g}; reused from the μTransfer sweep: {', '.join(reused) or 'none'}) =====")
+    losses = {r.name: r.value for r in results}
+    print("final losses: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in losses.items()))
+    try:
+        report, fit, dropped = predict_ladder(results, holdout=1, metric=RULE.metric, smooth=RULE.smooth)
+    except FitError as exc:  # a ladder the power law cannot describe is a result, not a crash
+        print(f"no fit: {exc}")
+        report = {"error": str(exc), "losses": losses, "params": {r.name: r.labels["params"] for r in results}}
+        with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
+            json.dump(report, handle, indent=1)
+        return report
     for note in dropped:
         print(f"left out of the fit: {note}")
     print(format_report(report))
-    plot_prediction(report, fit, os.path.join(FIGURES, f"prediction_{name}.png"))
+    plot_prediction(report, fit, os.path.join(FIGURES, f"prediction_{name}_{args.steps}steps.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     return report
 
 
 def row(label: str, report: dict) -> str:
+    if "error" in report:
+        losses = ", ".join(f"{k} {v:.3f}" for k, v in report["losses"].items() if v is not None)
+        return f"| {label} | – | – | – | – | – | no fit: {report['error'].split(':')[0]} | {losses} |"
     fitted = [p for p in report["points"] if p["used"]]
     if not report["holdout"]:
         return f"| {label} | {len(fitted)} | – | – | – | – | held-out rung did not finish |"
@@ -111,20 +122,28 @@ def row(label: str, report: dict) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/prediction")
-    parser.add_argument("--mutransfer", default="runs/bench/mutransfer", help="bench_mutransfer.py's --out")
+    parser.add_argument("--mutransfer", default="runs/bench/mutransfer",
+                        help="bench_mutransfer.py's --out: identical finished runs there are reused")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=8, help="global (= micro) batch size in sequences of 64 tokens")
+    parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)), help="proxy sweep grid (log2 η)")
+    parser.add_argument("--fit-widths", default=",".join(map(str, FIT_WIDTHS)))
+    parser.add_argument("--target-width", type=int, default=TARGET_WIDTH)
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args(argv)
+    args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
     start = time.time()
-    overrides = [*bench_data(), f"train.max_steps={args.steps}"]
+    overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
+                 f"train.micro_batch_size={args.batch}"]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(FIGURES, exist_ok=True)
-    lr = proxy_lr(args.mutransfer, overrides, args.out, args.parallel)
+    lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
     reports = {"mup": ladder("mup", overrides, lr, args), "sp": ladder("sp", [*overrides, "mup.enabled=false"], lr, args)}
     lines = ["| parametrization | rungs fitted | held-out params (× largest fitted) | actual loss | predicted | "
              "rel. error | 90% interval, contains actual | fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
              row("μP", reports["mup"]), row("SP", reports["sp"]), "",
-             f"η = {lr:g} (best at the width-64 proxy), {args.steps} steps; wall time {(time.time() - start) / 60:.1f} min."]
+             f"η = {lr:g} (best of the width-64 proxy sweep), {args.steps} steps × {args.batch * 64} tokens; "
+             f"wall time {(time.time() - start) / 60:.1f} min."]
     print("\n" + "\n".join(lines))
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
