@@ -2,7 +2,8 @@
 
     python tools/merge_tp_checkpoint.py RUN_DIR --output merged.pt [--tag global_stepN] [--target-tp 1]
 
-The result loads into `build_model(cfg)` at parallel.tensor=--target-tp (default 1, a single process).
+The result loads into a single-process `build_model(cfg)` (parallel.tensor=1). --target-tp K pads the
+vocabulary as a TP=K run would, for cutting the full tensors into another layout's shards.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="where to write the merged state dict (.pt)")
     parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
     parser.add_argument("--target-tp", type=int, default=1,
-                        help="pad the vocabulary for this TP size (default 1)")
+                        help="pad the vocabulary as for this TP size (default 1: a single process)")
     args = parser.parse_args(argv)
 
     import torch
