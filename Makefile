@@ -16,6 +16,9 @@ $(BIN)/.installed: setup.py
 	# build must see the torch above rather than pull a CUDA build into an isolated env.
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.3"
 	$(BIN)/pip install -q -e ".[dev]"
+	# On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory op the first time a
+	# process group starts (minutes on 2 cores); build it once here rather than inside a test.
+	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
 venv: $(BIN)/.installed
