@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from megamu.config import ConfigError, load_config
-from megamu.model import param_counts
+from megamu.model import mup, param_counts
 from megamu.scaling.fit import FitError
 from megamu.scaling.ladder import (
     TokenBudget,
@@ -47,11 +47,22 @@ def base_config(tmp_path) -> str:
 
 def test_width_overrides_keep_head_dim_and_group_ratio(base_config):
     cfg = load_config(base_config)
-    assert width_overrides(cfg, 256) == ["model.hidden_size=256", "model.n_heads=16", "model.n_kv_heads=8"]
+    assert width_overrides(cfg, 256) == ["model.hidden_size=256", "model.n_heads=16", "mup.attn_mult=4.0",
+                                         "model.n_kv_heads=8"]
     with pytest.raises(ConfigError, match="width 72 is not a positive multiple of the head dimension 16"):
         width_overrides(cfg, 72)
     with pytest.raises(ConfigError, match="grouped-query group size 2"):
         width_overrides(cfg, 48)  # 3 heads cannot share kv heads in pairs
+
+
+@pytest.mark.parametrize("width", [64, 128, 512])
+def test_every_rung_keeps_the_proxy_attention_scale(base_config, width):
+    """With a fixed head dim, μP's attention scale α_attn/d_head must not change with width."""
+    proxy = load_config(base_config)
+    rung = load_config(base_config, width_overrides(proxy, width))
+    assert rung.head_dim == proxy.head_dim
+    assert mup.attention_scale(rung) == pytest.approx(mup.attention_scale(proxy), rel=1e-12)
+    assert mup.attention_scale(proxy) == pytest.approx(proxy.head_dim ** -0.5)  # μP = SP at the proxy
 
 
 def test_explicit_ffn_width_scales(base_config):

@@ -63,7 +63,8 @@ def attention_scale(cfg: Config) -> float:
     """α_attn / d_head under μP (1/sqrt(d_head) under SP).
 
     The default α_attn = sqrt(base d_head), base d_head = base_hidden_size / n_heads (heads are kept fixed as
-    the width grows), so the μP scale equals SP's 1/sqrt(d_head) at m = 1.
+    the width grows), so the μP scale equals SP's 1/sqrt(d_head) at m = 1. A model widened at a fixed head
+    dim (more heads) must pin mup.attn_mult to the proxy's value instead; megamu.scaling.ladder does.
     """
     head_dim = cfg.head_dim
     if not cfg.mup.enabled:

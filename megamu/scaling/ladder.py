@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megamu.config import Config, ConfigError, load_config
-from megamu.model import param_counts
+from megamu.model import mup, param_counts
 from megamu.scaling.fit import FitError
 from megamu.scaling.launch import MetricRule, RunResult, RunSpec
 from megamu.scaling.points import LossPoint
@@ -69,6 +69,10 @@ def width_overrides(cfg: Config, width: int) -> list[str]:
                           f"(model.hidden_size {m.hidden_size} / model.n_heads {m.n_heads}); pick a multiple of it")
     n_heads = width // head_dim
     overrides = [f"model.hidden_size={width}", f"model.n_heads={n_heads}"]
+    if cfg.mup.enabled and cfg.mup.attn_mult is None:
+        # μP's default α_attn assumes the head count stays fixed; with a fixed head dim, pin the proxy's
+        # α_attn so every rung's attention scale α_attn/d_head equals the proxy's.
+        overrides.append(f"mup.attn_mult={mup.attention_scale(cfg) * head_dim!r}")
     if m.n_kv_heads is not None:
         group = m.n_heads // cfg.kv_heads
         if n_heads % group:
