@@ -30,11 +30,11 @@ from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value  # noqa: E
 PROXY_CONFIG = os.path.join(REPO, "configs", "mup_proxy.yaml")
 FIGURES = os.path.join(REPO, "benchmarks", "figures")
 BASE_WIDTH = 64
-WIDTHS = [64, 128, 256, 512]
-LOG2_LRS = [-9, -8, -7, -6, -5]
-# Every run sees the same batches in the same order, so the mean train loss over the last 10 records
-# (steps 55-100) compares runs on identical data and averages out the last few batches' luck.
-RULE = MetricRule(metric="train", smooth=10)
+WIDTHS = [32, 64, 128, 256]
+LOG2_LRS = [-10, -9, -8, -7, -6, -5]
+# Every run sees the same batches in the same order. Default score: the validation loss at the end
+# (train.eval_iters batches held out, the same for every run); `--metric train` scores the mean train
+# loss of the last 10 records instead.
 
 
 def bench_data(data_dir: str = "runs/bench/data") -> list[str]:
@@ -61,9 +61,9 @@ def best_log2(results: list[RunResult], width: int) -> Optional[float]:
     return None if best is None else math.log2(best.labels["hps"]["train.lr"])
 
 
-def markdown(name: str, results: list[RunResult], log2s: list[float], widths: list[int]) -> list[str]:
+def markdown(name: str, results: list[RunResult], log2s: list[float], widths: list[int], score: str) -> list[str]:
     curves = best_curves(results, "train.lr")
-    lines = [f"**{name}** — mean train loss of steps 55-100; best per width in bold, `div` = diverged",
+    lines = [f"**{name}** — {score}; best per width in bold, `div` = diverged",
              "", "| width | " + " | ".join(f"η=2^{v:g}" for v in log2s) + " | best log2 η |",
              "| --- |" + " --- |" * (len(log2s) + 1)]
     for width in widths:
@@ -100,29 +100,34 @@ def verdict(mup: list[RunResult], sp: list[RunResult], widths: list[int], step: 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/mutransfer")
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=16, help="global (= micro) batch in sequences of 64 tokens")
+    parser.add_argument("--metric", choices=("train", "val"), default="val")
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)))
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
-    overrides = [*bench_data(), f"train.max_steps={args.steps}"]
+    rule = MetricRule(metric=args.metric, smooth=10)
+    overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
+                 f"train.micro_batch_size={args.batch}"]
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
     start = time.time()
     mup_dir, sp_dir = os.path.join(args.out, "mup"), os.path.join(args.out, "sp")
-    mup, _ = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, widths, mup_dir), RULE, args.parallel)
+    mup, _ = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, widths, mup_dir), rule, args.parallel)
     if BASE_WIDTH in widths:
         copy_shared_runs(mup_dir, sp_dir, BASE_WIDTH)
     sp, _ = run_sweep(SweepPlan(PROXY_CONFIG, [*overrides, "mup.enabled=false"], points, widths, sp_dir),
-                      RULE, args.parallel)
+                      rule, args.parallel)
+    score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(FIGURES, exist_ok=True)
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
-        plot_loss_vs_value(results, os.path.join(FIGURES, f"mutransfer_{name}.png"), RULE.metric,
-                           title=f"{label}: train loss (mean of last 10 records) vs log2(η), {args.steps} steps")
+        plot_loss_vs_value(results, os.path.join(FIGURES, f"mutransfer_{name}.png"), rule.metric,
+                           title=f"{label}: {score} vs log2(η), {args.steps} steps × {args.batch} sequences")
     step = min(b - a for a, b in zip(sorted(log2s), sorted(log2s)[1:]))
-    lines = [*markdown("μP", mup, log2s, widths), "", *markdown("SP", sp, log2s, widths), "",
+    lines = [*markdown("μP", mup, log2s, widths, score), "", *markdown("SP", sp, log2s, widths, score), "",
              *verdict(mup, sp, widths, step), "", f"Wall time: {(time.time() - start) / 60:.1f} min."]
     print("\n".join(lines))
     with open(os.path.join(args.out, "table.md"), "w") as handle:
