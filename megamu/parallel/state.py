@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Optional
 
@@ -146,12 +145,6 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ensure_launcher_env() -> None:
     """A plain `python -m megamu.train` is a world of one; without these variables DeepSpeed
     would go looking for MPI."""
@@ -159,7 +152,9 @@ def _ensure_launcher_env() -> None:
         return
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # Port 0: the store binds whatever port the OS hands out, so concurrent single-process runs
+    # (a sweep) cannot race for a port picked in advance.
+    os.environ.setdefault("MASTER_PORT", "0")
 
 
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: float = 10.0) -> ParallelState:
