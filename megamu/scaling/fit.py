@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import optimize, stats
@@ -129,6 +129,20 @@ def check_points(x: Sequence[float], loss: Sequence[float], n_params: int = N_PA
     return x_arr, loss_arr
 
 
+def best_least_squares(residuals: Callable[[np.ndarray], np.ndarray], jacobian: Callable[[np.ndarray], np.ndarray],
+                       starts: Iterable[np.ndarray], lower: np.ndarray,
+                       upper: np.ndarray) -> Optional[optimize.OptimizeResult]:
+    """Bounded least squares from each start (clipped strictly inside the bounds); the lowest-cost
+    converged result, or None when no start converged."""
+    best = None
+    for start in starts:
+        result = optimize.least_squares(residuals, np.clip(start, lower + 1e-12, upper - 1e-9), jac=jacobian,
+                                        bounds=(lower, upper), x_scale="jac", max_nfev=2000)
+        if result.status > 0 and np.isfinite(result.cost) and (best is None or result.cost < best.cost):
+            best = result
+    return best
+
+
 def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
     """Least-squares fit of L = a·x^b + c with b < 0 and 0 ≤ c ≤ min(loss), from several starts."""
     x_arr, loss_arr = check_points(x, loss)
@@ -138,18 +152,8 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
     lower = np.array([-np.inf, _B_MIN, 0.0])
     upper = np.array([np.inf, _B_MAX, floor_max])
 
-    best = None
-    for start in _starts(x_tilde, loss_arr, floor_max):
-        result = optimize.least_squares(
-            lambda t: _model(t, x_tilde) - loss_arr,
-            np.clip(start, lower + 1e-12, upper - 1e-12),
-            jac=lambda t: _jacobian(t, x_tilde),
-            bounds=(lower, upper),
-            x_scale="jac",
-            max_nfev=2000,
-        )
-        if result.status > 0 and np.isfinite(result.cost) and (best is None or result.cost < best.cost):
-            best = result
+    best = best_least_squares(lambda t: _model(t, x_tilde) - loss_arr, lambda t: _jacobian(t, x_tilde),
+                              _starts(x_tilde, loss_arr, floor_max), lower, upper)
     if best is None:
         raise FitError(
             "the power-law fit did not converge from any start: check that the loss falls with x "
@@ -268,15 +272,9 @@ def _refit_from(fit: PowerLawFit, loss: np.ndarray) -> PowerLawFit:
     floor_max = float(loss.min())
     lower = np.array([-np.inf, _B_MIN, 0.0])
     upper = np.array([np.inf, _B_MAX, floor_max])
-    result = optimize.least_squares(
-        lambda t: _model(t, x_tilde) - loss,
-        np.clip(fit.theta, lower + 1e-12, upper - 1e-12),
-        jac=lambda t: _jacobian(t, x_tilde),
-        bounds=(lower, upper),
-        x_scale="jac",
-        max_nfev=500,
-    )
-    if result.status <= 0:
+    result = best_least_squares(lambda t: _model(t, x_tilde) - loss, lambda t: _jacobian(t, x_tilde),
+                                [fit.theta], lower, upper)
+    if result is None:
         raise FitError("bootstrap refit did not converge")
     return _finish(result.x, fit.x, loss, fit.x_scale)
 

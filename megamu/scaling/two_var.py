@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import stats
 
-from megamu.scaling.fit import FitError, check_points
+from megamu.scaling.fit import FitError, best_least_squares, check_points
 
 TWO_VAR_PARAMS = 5
 _TWO_VAR_EXPONENT_STARTS = (0.1, 0.3, 0.7)
@@ -94,23 +94,16 @@ def fit_two_var(params: Sequence[float], tokens: Sequence[float], loss: Sequence
     lower = np.array([-np.inf, -np.inf, 1e-6, -np.inf, 1e-6])
     upper = np.array([math.log(loss_arr.min()), np.inf, 4.0, np.inf, 4.0])
 
-    best = None
-    for alpha in _TWO_VAR_EXPONENT_STARTS:
-        for beta in _TWO_VAR_EXPONENT_STARTS:
-            for floor_fraction in _TWO_VAR_FLOOR_STARTS:
-                floor = floor_fraction * loss_arr.min()
-                share = math.log((loss_arr.mean() - floor) / 2)
-                start = np.array([math.log(floor), share, alpha, share, beta])
-                result = optimize.least_squares(
-                    lambda t: _two_var_log_model(t, n_hat, d_hat) - log_loss,
-                    np.clip(start, lower, upper - 1e-9),
-                    jac=lambda t: _two_var_log_jacobian(t, n_hat, d_hat),
-                    bounds=(lower, upper),
-                    x_scale="jac",
-                    max_nfev=2000,
-                )
-                if result.status > 0 and np.isfinite(result.cost) and (best is None or result.cost < best.cost):
-                    best = result
+    def starts():
+        for alpha in _TWO_VAR_EXPONENT_STARTS:
+            for beta in _TWO_VAR_EXPONENT_STARTS:
+                for floor_fraction in _TWO_VAR_FLOOR_STARTS:
+                    floor = floor_fraction * loss_arr.min()
+                    share = math.log((loss_arr.mean() - floor) / 2)
+                    yield np.array([math.log(floor), share, alpha, share, beta])
+
+    best = best_least_squares(lambda t: _two_var_log_model(t, n_hat, d_hat) - log_loss,
+                              lambda t: _two_var_log_jacobian(t, n_hat, d_hat), starts(), lower, upper)
     if best is None:
         raise FitError("the two-variable fit did not converge from any start")
 
