@@ -26,3 +26,14 @@ def tiny_dataset_prefix(tmp_path_factory, tiny_tokenizer) -> str:
     out = str(tmp_path_factory.mktemp("dataset") / "tiny")
     summaries = preprocess([TINY_DATASET_DOCS], out, tiny_tokenizer.model_path, append_eod=True, progress=False)
     return summaries["text"].output_prefix
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: with 2+ threads on a busy machine, thread hand-offs cost more than the math."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

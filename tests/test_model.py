@@ -12,13 +12,7 @@ from megamu.model.layers import RMSNorm, RotaryEmbedding
 VOCAB = 100  # pads to 128, so padded rows exist
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: with 2+ threads on a busy machine, thread hand-offs cost more than the math.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -12,13 +12,7 @@ from megamu.model.mup import ROLES
 ARCHS = [(), ("model.arch=gpt2", "model.qk_norm=true"), ("model.n_kv_heads=2", "model.qk_norm=true")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These models are tiny: with 2+ threads on a busy machine, thread hand-offs cost more than the math.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg_at(width: int, *overrides: str, base: int = 64):
