@@ -56,7 +56,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"training stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
-    print(f"done: {summary['step']} steps, final loss {summary['final_loss']:.4f}{val}; run dir {summary['run_dir']}")
+    # A resumed run that was already complete trains no step, so it has no new train loss.
+    loss = f", final loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else ""
+    print(f"done: {summary['step']} steps{loss}{val}; run dir {summary['run_dir']}")
     return 0
 
 

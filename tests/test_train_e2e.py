@@ -160,3 +160,16 @@ def test_interrupted_checkpoint_is_not_resumed_and_dp1_resume_is_exact(config, r
     assert losses(str(run)) == losses(reference)
     log = open(run / "metrics.jsonl").read()
     assert log.count('"kind": "meta"') == 1  # a resumed run appends
+
+
+def test_resuming_a_finished_run_trains_nothing_and_succeeds(config, runs, reference):
+    import shutil
+
+    run = runs / "finished"
+    shutil.copytree(reference, run)
+    before = open(run / "metrics.jsonl").read()
+    result = run_train(["--config", config, f"train.out_dir={run}", "train.resume=true",
+                        "--deepspeed_config", "ds_configs/zero1.json"], 1)
+    assert result.ok, result.describe()
+    assert read_records(str(run), "train") == read_records(reference, "train")  # no step retrained
+    assert open(run / "metrics.jsonl").read().startswith(before)
