@@ -28,16 +28,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, RULE, bench_data, lr_values  # noqa: E402
+from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_data, lr_values  # noqa: E402
 
 from megamu.config import load_config  # noqa: E402
 from megamu.scaling.fit import FitError  # noqa: E402
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder, resolve_vocab  # noqa: E402
-from megamu.scaling.launch import RunSpec, run_all  # noqa: E402
+from megamu.scaling.launch import MetricRule, RunSpec, run_all  # noqa: E402
 from megamu.scaling.plot import plot_prediction  # noqa: E402
 from megamu.scaling.predict import format_report  # noqa: E402
 from megamu.scaling.sweep import SweepPlan, run_name, run_sweep  # noqa: E402
 
+# Score: the final validation loss (the same held-out batches for every run), as in bench_mutransfer.
+RULE = MetricRule(metric="val", smooth=10)
 FIT_WIDTHS = [32, 48, 64, 96, 128, 192]
 TARGET_WIDTH = 512
 
