@@ -1,13 +1,13 @@
 """Loss-prediction accuracy: fit a μP width ladder, predict a width with ≥4× the params, compare.
 
     python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
-        [--log2-lrs=-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
+        [--log2-lrs=-10,-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
 
 Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
 sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
 and the target width (held out: ≥4× the params of the largest fitted rung); L = a·params^b + c
-is fitted on the final losses (mean train loss of the last 10 records, as in the μTransfer
-benchmark: every rung sees the same batches) and the held-out rung's predicted loss and 90%
+is fitted on the final validation losses (the same held-out batches for every rung, as in the
+μTransfer benchmark) and the held-out rung's predicted loss and 90%
 interval are compared with what it reached. The same ladder under SP (mup.enabled=false, the
 same η) is the contrast. A rung whose resolved config equals a finished run of the μTransfer
 sweep is copied from it instead of being trained again (identical runs). A ladder whose losses do
