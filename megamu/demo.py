@@ -1,11 +1,11 @@
 """`make demo`: megamu end to end on the built-in sample corpus (the Python standard library's source).
 
-Stages (each prints what it did; re-running reuses finished stages):
+Stages (each prints what it did; re-running reuses finished stages and runs):
   1. train a SentencePiece tokenizer on the sample corpus,
   2. preprocess the corpus into Megatron-compatible .bin/.idx, print the summary and decoded samples,
-  3. train the tiny μP model with the DeepSpeed engine and plot its loss curve,
-  4. μScaling: sweep η at the proxy width (configs/mup_proxy.yaml), train a width ladder with the
-     transferred η, fit L = a·params^b + c on all but the largest rung and predict it (and 8× it).
+  3. μScaling: sweep η on the μP proxy, train a width ladder with the transferred η (each run's
+     run directory has its metrics.jsonl and loss_curve.png), fit L = a·params^b + c on all but the
+     largest rung and predict it and a model 8× larger (prediction.png).
 """
 from __future__ import annotations
 
@@ -107,6 +107,7 @@ def run_ladder(data: SampleData, out_dir: str, best_yaml: str, parallel: int) ->
     rule = MetricRule(**DEMO_METRIC)
     results = run_all(specs, rule, parallel)
     print(format_ladder(results, rule))
+    print("loss curves: " + ", ".join(os.path.join(spec.run_dir, "loss_curve.png") for spec in specs))
     return results
 
 
