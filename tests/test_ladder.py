@@ -65,6 +65,15 @@ def test_every_rung_keeps_the_proxy_attention_scale(base_config, width):
     assert mup.attention_scale(proxy) == pytest.approx(proxy.head_dim ** -0.5)  # μP = SP at the proxy
 
 
+def test_planned_rungs_keep_the_proxy_attention_scale(base_config, tmp_path):
+    """The overrides each rung is launched with (not just width_overrides) must carry the proxy's α_attn."""
+    proxy = load_config(base_config)
+    for spec in plan_ladder(base_config, [], [64, 128, 256], TokenBudget(steps=10), str(tmp_path)):
+        rung = load_config(spec.config, spec.overrides)
+        assert rung.model.hidden_size == spec.labels["width"]
+        assert mup.attention_scale(rung) == pytest.approx(mup.attention_scale(proxy), rel=1e-12)
+
+
 def test_explicit_ffn_width_scales(base_config):
     cfg = load_config(base_config, ["model.ffn_hidden_size=192"])
     assert "model.ffn_hidden_size=384" in width_overrides(cfg, 128)

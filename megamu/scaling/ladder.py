@@ -85,15 +85,17 @@ def width_overrides(cfg: Config, width: int) -> list[str]:
     return overrides
 
 
-def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> Config:
+def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> tuple[Config, list[str]]:
+    """The config at `width` and the width overrides that made it (taken from the proxy, not the rung)."""
     base = resolve_vocab(load_config(config, list(overrides)))
-    cfg = load_config(config, [*overrides, *width_overrides(base, width)])
+    scaled = width_overrides(base, width)
+    cfg = load_config(config, [*overrides, *scaled])
     cfg.model.vocab_size = base.model.vocab_size
-    return cfg
+    return cfg, scaled
 
 
 def params_at(config: Optional[str], overrides: Sequence[str], width: int) -> int:
-    return param_counts(_config_at(config, overrides, width))["total"]
+    return param_counts(_config_at(config, overrides, width)[0])["total"]
 
 
 def width_for_params(config: Optional[str], overrides: Sequence[str], target_params: float) -> int:
@@ -128,13 +130,13 @@ def plan_ladder(
         raise ConfigError(f"widths repeat: {list(widths)}")
     specs = []
     for width in sorted(widths):
-        cfg = _config_at(config, overrides, width)
+        cfg, scaled = _config_at(config, overrides, width)
         params = param_counts(cfg)["total"]
         steps = budget.steps_for(cfg, params)
         if cfg.train.warmup_steps > steps:
             raise ConfigError(f"width {width}: the token budget gives {steps} steps, fewer than train.warmup_steps="
                               f"{cfg.train.warmup_steps}; lower the warm-up or raise the budget")
-        run_overrides = [*overrides, *width_overrides(cfg, width), f"train.max_steps={steps}"]
+        run_overrides = [*overrides, *scaled, f"train.max_steps={steps}"]
         load_config(config, run_overrides).validate(world_size=None)  # bad keys or files: fail before launching
         tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
         specs.append(RunSpec(name=f"w{width}", run_dir=os.path.join(out_dir, f"w{width}"), config=config,
