@@ -107,6 +107,16 @@ def test_resume_relaunches_only_unfinished_runs(base_config, tmp_path, calls):
                                                    "lr-1": "diverged"}
 
 
+def test_resume_refuses_a_finished_run_launched_with_other_settings(base_config, tmp_path, calls):
+    out = str(tmp_path / "sweep")
+    sweep(base_config, out, ["train.lr=1e-3"])
+    points = grid_points([parse_axis("train.lr=1e-3", allow_range=False)])
+    changed = SweepPlan(base_config, ["train.max_steps=10", "mup.output_mult=4"], points, [None], out)
+    with pytest.raises(ValueError, match=r"lr-0.001 holds a finished run launched with other settings "
+                                         r"\(differences: mup.output_mult=4\)"):
+        run_sweep(changed, MetricRule("train", smooth=3), parallel=1, trainer=FAKE, echo=False)
+
+
 def test_best_follows_the_metric_and_heatmap_for_two_axes(base_config, tmp_path, calls):
     grid = ["train.lr=3e-3,1e-2", "mup.output_mult=1,4"]
     _, by_train = sweep(base_config, str(tmp_path / "a"), grid, metric="train")

@@ -153,10 +153,14 @@ def uniform_loss(meta: dict, first_loss: float) -> float:
     return math.log(vocab) if vocab else first_loss
 
 
-def _write_status(result: RunResult) -> None:
+def _launch_settings(spec: RunSpec) -> dict:
+    return {"config": spec.config, "overrides": list(spec.overrides)}
+
+
+def _write_status(result: RunResult, spec: RunSpec) -> None:
     path = os.path.join(result.run_dir, STATUS_FILE)
     with open(path + ".tmp", "w") as handle:
-        json.dump(result.to_dict(), handle, indent=1)
+        json.dump({**result.to_dict(), "launch": _launch_settings(spec)}, handle, indent=1)
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
 
 
@@ -166,6 +170,12 @@ def previous_result(spec: RunSpec, rule: MetricRule) -> Optional[RunResult]:
     status = read_status(spec.run_dir)
     if status is None or status.get("status") not in FINAL_STATUSES:
         return None
+    launched = status.get("launch")
+    if launched is not None and launched != _launch_settings(spec):
+        # Reusing it would report another model's loss under this run's name.
+        changed = sorted(set(launched["overrides"]) ^ set(spec.overrides)) or [f"config {launched['config']}"]
+        raise ValueError(f"{spec.run_dir} holds a finished run launched with other settings (differences: "
+                         f"{', '.join(changed)}); delete that directory or choose another output directory")
     return classify(spec, status.get("returncode"), rule)
 
 
@@ -236,7 +246,7 @@ def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel:
             running.remove(item)
             log.close()
             result = classify(spec, proc.returncode, rule)
-            _write_status(result)
+            _write_status(result, spec)
             results[spec.name] = result
             if echo:
                 value = f" {rule.metric} loss {result.value:.4f}" if result.value is not None else ""
