@@ -14,44 +14,24 @@ A run that was resumed may log a step twice; the later record (the resumed run's
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Optional
 
 from megamu.scaling.fit import FitError
 from megamu.scaling.points import LossPoint
+from megamu.training.metrics import METRICS_FILE
+from megamu.training.metrics import read_metrics as read_run_metrics
 
 NANOLM_MIN_STEP = 5000
-METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(run_dir: str) -> tuple:
-    """Return (meta, train records, eval records) of a run, records sorted by step."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.isfile(path):
-        raise FitError(f"run directory {run_dir} has no {METRICS_FILE}: is it a megamu run directory?")
-    meta = None
-    by_kind: dict = {"train": {}, "eval": {}}
-    with open(path) as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise FitError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
-            kind = record.get("kind")
-            if kind == "meta" and meta is None:
-                meta = record
-            elif kind in by_kind:
-                if "step" not in record:
-                    raise FitError(f"{path}:{line_no}: {kind} record has no step")
-                by_kind[kind][record["step"]] = record
-    if meta is None:
-        raise FitError(f"{path} has no meta record (the trainer writes it as the first line)")
-    train, evals = ([records[s] for s in sorted(records)] for records in by_kind.values())
-    return meta, train, evals
+    """Return (meta, train records, eval records) of a run, records sorted by step (FitError if unreadable)."""
+    try:
+        return read_run_metrics(run_dir)
+    except (OSError, ValueError) as exc:
+        raise FitError(str(exc)) from None
 
 
 def default_min_step(last_step: int) -> int:

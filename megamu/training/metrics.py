@@ -153,9 +153,36 @@ def _start_tensorboard(run_dir: str) -> Any:
     return SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
 
-def read_metrics(run_dir: str) -> list[dict[str, Any]]:
-    with open(os.path.join(run_dir, METRICS_FILE)) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
+    """(meta, train records, eval records) of RUN_DIR/metrics.jsonl, records sorted by step.
+
+    A step logged twice (a run resumed from an earlier checkpoint) keeps its later record. Raises
+    FileNotFoundError for a missing file and ValueError naming file and line for a malformed one.
+    """
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"run directory {run_dir} has no {METRICS_FILE}: is it a megamu run directory?")
+    meta = None
+    by_kind: dict = {"train": {}, "eval": {}}
+    with open(path) as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+            kind = record.get("kind")
+            if kind == "meta" and meta is None:
+                meta = record
+            elif kind in by_kind:
+                if "step" not in record:
+                    raise ValueError(f"{path}:{line_no}: {kind} record has no step")
+                by_kind[kind][record["step"]] = record
+    if meta is None:
+        raise ValueError(f"{path} has no meta record (the trainer writes it as the first line)")
+    train, evals = ([records[s] for s in sorted(records)] for records in by_kind.values())
+    return meta, train, evals
 
 
 def plot_loss_curve(run_dir: str, out_path: Optional[str] = None) -> str:
@@ -167,12 +194,9 @@ def plot_loss_curve(run_dir: str, out_path: Optional[str] = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = {}, {}
-    for record in read_metrics(run_dir):
-        if record["kind"] == "train":
-            train[record["step"]] = record["loss"]
-        elif record["kind"] == "eval":
-            evals[record["step"]] = record["val_loss"]
+    _, train_records, eval_records = read_metrics(run_dir)
+    train = {r["step"]: r["loss"] for r in train_records}
+    evals = {r["step"]: r["val_loss"] for r in eval_records}
     out_path = out_path or os.path.join(run_dir, LOSS_CURVE_FILE)
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = sorted(train)
