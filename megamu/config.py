@@ -91,7 +91,7 @@ class TrainConfig:
     eval_iters: int = 4
     resume: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping with a checkpoint
-    deepspeed_config: Optional[str] = None  # ds_configs/zeroN.json; None = zero1
+    deepspeed_config: Optional[str] = None  # ds_configs/zeroN.json; None = ZeRO 1 (ZeRO 0 at DP=1)
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False
 

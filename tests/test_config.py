@@ -79,6 +79,15 @@ def test_ds_json_batch_fields_are_derived(cfg):
     assert ds["bf16"]["enabled"] is False  # CPU: fp32
 
 
+def test_default_zero_stage_is_0_at_one_rank_and_1_otherwise_or_for_muon(cfg):
+    cfg.train.deepspeed_config = None
+    prepare_config(cfg, world_size=2)
+    assert build_ds_config(cfg, dp_size=1)["zero_optimization"]["stage"] == 0
+    assert build_ds_config(cfg, dp_size=2)["zero_optimization"]["stage"] == 1
+    cfg.train.optimizer = "muon"
+    assert build_ds_config(cfg, dp_size=1)["zero_optimization"]["stage"] == 1
+
+
 def test_ds_json_may_not_own_the_lr_schedule(cfg, tmp_path):
     ds_path = tmp_path / "ds.json"
     ds_path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))

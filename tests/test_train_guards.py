@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from dist import run_script
@@ -48,6 +49,29 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tokenizer
     assert (ckpt / "latest_complete").read_text().strip() == "global_step5"
 
 
+# The same steps, but the loss stays finite and one weight's gradient becomes NaN in backward.
+INJECT_NAN_GRAD = INJECT_NAN.replace("""    model.register_forward_hook(poison)""", """    weight = next(model.parameters())
+    def poison_grad(grad):
+        calls[0] += 1
+        return grad * float("nan") if calls[0] in NAN_CALLS else grad
+    weight.register_hook(poison_grad)""")
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_nan_gradients_with_a_finite_loss_are_skipped(tmp_path, tiny_tokenizer, tiny_dataset_prefix, stage):
+    """ZeRO 0: the loop's grad norm flags the step; ZeRO 1: DeepSpeed's (the gate reads it, no extra pass)."""
+    config = write_config(str(tmp_path / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
+                          str(tmp_path / "run"))
+    result = run_script(INJECT_NAN_GRAD, ["--config", config, "train.micro_batch_size=8", "train.eval_iters=0",
+                                          "train.max_bad_steps=2", "--deepspeed_config", f"ds_configs/zero{stage}.json"])
+    assert result.returncodes == [3], result.describe()
+    train = read_records(str(tmp_path / "run"), "train")
+    assert all(math.isfinite(r["loss"]) for r in train)  # only the gradients were poisoned
+    assert [r["skipped_steps"] for r in train] == [0, 1, 1, 2, 3]
+    assert train[1]["grad_norm"] is None and math.isfinite(train[2]["grad_norm"])
+    assert train[2]["loss"] < train[0]["loss"]  # the skipped update left the weights usable
+
+
 def test_gate_skips_the_update_when_loss_is_bad_or_grads_are_not_finite():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.SGD([weight], lr=1.0)
@@ -65,6 +89,34 @@ def test_gate_skips_the_update_when_loss_is_bad_or_grads_are_not_finite():
 
     weight.grad = torch.ones(3)
     gate.begin_step(loss_is_bad=False)
+    optimizer.step()
+    assert not gate.skipped_last_step and torch.equal(weight.detach(), torch.zeros(3))
+
+
+def test_gate_trusts_a_known_grad_norm_instead_of_scanning_the_gradients():
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    wrapper_norm = [None]
+    gate = NonFiniteStepGate(optimizer, group=None, step_grad_norm=lambda: wrapper_norm[0])
+
+    weight.grad = torch.ones(3)
+    gate.begin_step(loss_is_bad=False, grad_norm=float("nan"))  # the loop's norm says non-finite
+    optimizer.step()
+    assert gate.skipped_last_step and torch.equal(weight.detach(), torch.ones(3))
+
+    wrapper_norm[0] = torch.tensor(float("inf"))  # the ZeRO wrapper's norm for this step
+    gate.begin_step(loss_is_bad=False)
+    optimizer.step()
+    assert gate.skipped_last_step and torch.equal(weight.detach(), torch.ones(3))
+
+    wrapper_norm[0] = None  # no norm this step: the gate scans the gradients itself
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    gate.begin_step(loss_is_bad=False)
+    optimizer.step()
+    assert gate.skipped_last_step
+
+    weight.grad = torch.ones(3)
+    gate.begin_step(loss_is_bad=False, grad_norm=3.0 ** 0.5)
     optimizer.step()
     assert not gate.skipped_last_step and torch.equal(weight.detach(), torch.zeros(3))
 

@@ -15,8 +15,13 @@ import torch
 
 from megamu.config import Config, ConfigError
 
-# Used when train.deepspeed_config is unset; the same as ds_configs/zero1.json.
-DEFAULT_DS_CONFIG: dict[str, Any] = {"zero_optimization": {"stage": 1}}
+
+def default_zero_stage(cfg: Config, dp_size: int) -> int:
+    """The ZeRO stage used when train.deepspeed_config is unset: 1 (ds_configs/zero1.json), except 0 with a
+    single data-parallel rank, where there is nothing to partition and ZeRO 1's flat-buffer copies only cost
+    time (about 4% of a CPU step). Muon keeps ZeRO 1: DeepSpeed runs it only inside the ZeRO optimizers."""
+    return 1 if dp_size > 1 or cfg.train.optimizer == "muon" else 0
+
 # Quiet by default: megamu prints its own progress.
 _DEFAULTS = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
 
@@ -56,8 +61,13 @@ def _put(ds: dict[str, Any], key: str, value: Any, megamu_key: str, path: str) -
 
 def build_ds_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     """The DeepSpeed config dict for this run, validated against megamu's config."""
-    path = cfg.train.deepspeed_config or "the default DeepSpeed config (ZeRO 1)"
-    ds = load_ds_json(path) if cfg.train.deepspeed_config else json.loads(json.dumps(DEFAULT_DS_CONFIG))
+    if cfg.train.deepspeed_config:
+        path = cfg.train.deepspeed_config
+        ds = load_ds_json(path)
+    else:
+        stage = default_zero_stage(cfg, dp_size)
+        path = f"the default DeepSpeed config (ZeRO {stage})"
+        ds = {"zero_optimization": {"stage": stage}}
     for owned, by in (("optimizer", "train.optimizer / train.lr / train.beta1 ..."),
                       ("scheduler", "train.schedule (DeepSpeed's schedulers overwrite μP's per-group LRs)")):
         if owned in ds:

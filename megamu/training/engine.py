@@ -37,9 +37,10 @@ class Engine:
         first_tp_rank = mpu.get_tensor_model_parallel_rank() == 0
         grads = [p.grad for p in self.engine.module.parameters()
                  if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))]
-        squares = torch.zeros((), dtype=torch.float32, device=self.engine.device)
-        for g in grads:
-            squares += torch.linalg.vector_norm(g.float()) ** 2
+        if grads:
+            squares = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+        else:
+            squares = torch.zeros((), dtype=torch.float32, device=self.engine.device)
         torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
         return float(squares.sqrt())
 
@@ -63,5 +64,8 @@ def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Engine:
     restore_lr_mults(engine.optimizer, reference)
     if cfg.train.compile:
         engine.compile()
-    gate = NonFiniteStepGate(_innermost_optimizer(ds_optimizer), state.get_data_parallel_group())
-    return Engine(engine=engine, gate=gate, zero_stage=engine.zero_optimization_stage())
+    stage = engine.zero_optimization_stage()
+    # ZeRO 1-3 compute the global grad norm (over every rank) before their inner step: the gate reuses it.
+    zero_norm = (lambda: getattr(engine.optimizer, "_global_grad_norm", None)) if stage > 0 else (lambda: None)
+    gate = NonFiniteStepGate(_innermost_optimizer(ds_optimizer), state.get_data_parallel_group(), zero_norm)
+    return Engine(engine=engine, gate=gate, zero_stage=stage)

@@ -2,13 +2,16 @@
 
 The gate wraps the innermost optimizer's `step` (the call that actually changes weights, under
 every ZeRO stage). It skips the update when the loop flagged a non-finite loss or when any
-gradient it is about to apply is non-finite on any data-parallel rank; the verdict is
-all-reduced, so all ranks skip together and replicas never diverge.
+gradient it is about to apply is non-finite on any rank. The global gradient norm answers that
+for free when this step has one (a norm is finite exactly when every gradient is): the loop's own
+at ZeRO 0, DeepSpeed's under ZeRO 1-3, computed over every rank before the inner step runs. Only
+without a norm does the gate pass over the gradients itself and all-reduce the verdict, so all
+ranks skip together and replicas never diverge.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,21 +22,32 @@ class TrainingDiverged(RuntimeError):
 
 
 class NonFiniteStepGate:
-    def __init__(self, optimizer: torch.optim.Optimizer, group: Optional[dist.ProcessGroup]) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, group: Optional[dist.ProcessGroup],
+                 step_grad_norm: Callable[[], Any] = lambda: None) -> None:
+        """`step_grad_norm` returns this step's global gradient norm when the wrapper calling the inner
+        step has computed one before calling it (DeepSpeed's ZeRO optimizers), else None."""
         self.optimizer = optimizer
         self.group = group
+        self.step_grad_norm = step_grad_norm
         self.loss_is_bad = False
+        self.known_grad_norm: Optional[float] = None
         self.skipped_last_step = False
         optimizer.step = self._gated(optimizer.step)  # an instance attribute shadows the method DeepSpeed calls
 
     def _gated(self, inner_step: Callable) -> Callable:
         def step(*args, **kwargs):
-            bad = self.loss_is_bad or not self._grads_finite_everywhere()
+            bad = self.loss_is_bad or not self._grads_finite()
             self.skipped_last_step = self.skipped_last_step or bad
             if bad:
                 return None
             return inner_step(*args, **kwargs)
         return step
+
+    def _grads_finite(self) -> bool:
+        norm = self.known_grad_norm if self.known_grad_norm is not None else self.step_grad_norm()
+        if norm is not None:
+            return math.isfinite(float(norm))
+        return self._grads_finite_everywhere()
 
     def _grads_finite_everywhere(self) -> bool:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -45,8 +59,10 @@ class NonFiniteStepGate:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return flag.item() == 0.0
 
-    def begin_step(self, loss_is_bad: bool) -> None:
+    def begin_step(self, loss_is_bad: bool, grad_norm: Optional[float] = None) -> None:
+        """Arm the gate for one optimizer step; `grad_norm`: the step's global norm if the loop has it."""
         self.loss_is_bad = loss_is_bad
+        self.known_grad_norm = grad_norm
         self.skipped_last_step = False
 
 

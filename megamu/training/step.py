@@ -41,7 +41,7 @@ def train_step(model: Engine, t: TrainConfig, step: int, batches: Iterator[torch
     loss = group_mean(float(torch.stack(micro_losses).sum()), len(micro_losses), dp_group, engine.device)
     loss_bad = not math.isfinite(loss)
     grad_norm = model.unreduced_grad_norm() if model.zero_stage == 0 else None
-    model.gate.begin_step(loss_is_bad=loss_bad)
+    model.gate.begin_step(loss_is_bad=loss_bad, grad_norm=grad_norm)
     engine.step()
     reported = engine.get_global_grad_norm()
     if reported is not None:
