@@ -10,7 +10,8 @@ is fitted on the final validation losses (the same held-out batches for every ru
 μTransfer benchmark) and the held-out rung's predicted loss and 90%
 interval are compared with what it reached. The same ladder under SP (mup.enabled=false, the
 same η) is the contrast. A rung whose resolved config equals a finished run of the μTransfer
-sweep is copied from it instead of being trained again (identical runs). A ladder whose losses do
+sweep (or of an earlier run of this benchmark, --reuse) is adopted instead of being trained again
+(identical runs). --seeds trains every rung once per seed and fits them all. A ladder whose losses do
 not fall with params is reported as such (no fit), not as a crash.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Optional
@@ -33,10 +33,10 @@ from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_
 from megamu.config import load_config  # noqa: E402
 from megamu.scaling.fit import FitError  # noqa: E402
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder, resolve_vocab  # noqa: E402
-from megamu.scaling.launch import MetricRule, RunSpec, run_all  # noqa: E402
+from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all  # noqa: E402
 from megamu.scaling.plot import plot_prediction  # noqa: E402
 from megamu.scaling.predict import format_report  # noqa: E402
-from megamu.scaling.sweep import SweepPlan, run_name, run_sweep  # noqa: E402
+from megamu.scaling.sweep import SweepPlan, run_sweep  # noqa: E402
 
 # Score: the final validation loss (the same held-out batches for every run), as in bench_mutransfer.
 RULE = MetricRule(metric="val", smooth=10)
@@ -64,27 +64,38 @@ def _resolved(config: str, overrides: list[str]) -> dict:
     return cfg
 
 
-def reuse_identical_runs(specs: list[RunSpec], sweep_dir: str, lr: float) -> list[str]:
-    """Copy finished sweep runs whose saved config equals a rung's; returns the rungs reused."""
+def finished_runs(directory: str) -> list[str]:
+    """Run directories directly under `directory` that finished (their status file says so)."""
+    if not os.path.isdir(directory):
+        return []
+    runs = [os.path.join(directory, name) for name in sorted(os.listdir(directory))]
+    return [run for run in runs if (read_status(run) or {}).get("status") == "done"]
+
+
+def reuse_identical_runs(specs: list[RunSpec], candidates: list[str]) -> list[str]:
+    """Adopt finished runs whose saved config equals a rung's (same model, data, seed and schedule);
+    returns the rungs reused."""
+    resolved = {run: _resolved(os.path.join(run, "config.yaml"), []) for run in candidates}
     reused = []
     for spec in specs:
-        source = os.path.join(sweep_dir, run_name({"train.lr": lr}, spec.labels["width"]))
-        saved = os.path.join(source, "config.yaml")
-        if os.path.exists(spec.run_dir) or not os.path.isfile(os.path.join(source, "run_status.json")):
+        if os.path.exists(spec.run_dir):
             continue
-        if _resolved(saved, []) == _resolved(PROXY_CONFIG, spec.overrides):
-            shutil.copytree(source, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-            reused.append(spec.name)
+        wanted = _resolved(PROXY_CONFIG, spec.overrides)
+        source = next((run for run, cfg in resolved.items() if cfg == wanted), None)
+        if source is not None:
+            adopt_finished_run(source, spec)
+            reused.append(f"{spec.name} ({source})")
     return reused
 
 
 def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace) -> dict:
     specs = plan_ladder(PROXY_CONFIG, [*overrides, f"train.lr={lr}"], [*args.fit_widths, args.target_width],
-                        TokenBudget(steps=args.steps), os.path.join(args.out, name))
-    reused = reuse_identical_runs(specs, os.path.join(args.mutransfer, name), lr)
+                        TokenBudget(steps=args.steps), os.path.join(args.out, name), args.seeds)
+    candidates = [run for d in [args.mutransfer, *args.reuse] for run in finished_runs(os.path.join(d, name))]
+    reused = reuse_identical_runs(specs, candidates)
     results = run_all(specs, RULE, args.parallel)
     label = "μP" if name == "mup" else "SP"
-    print(f"\n===== {label} ladder (η = {lr:g}; reused from the μTransfer sweep: {', '.join(reused) or 'none'}) =====")
+    print(f"\n===== {label} ladder (η = {lr:g}; reused identical runs: {', '.join(reused) or 'none'}) =====")
     losses = {r.name: r.value for r in results}
     print("final losses: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in losses.items()))
     try:
@@ -109,16 +120,20 @@ def row(label: str, report: dict) -> str:
         losses = ", ".join(f"{k} {v:.3f}" for k, v in report["losses"].items() if v is not None)
         return f"| {label} | – | – | – | – | – | no fit: {report['error'].split(':')[0]} | {losses} |"
     fitted = [p for p in report["points"] if p["used"]]
-    if not report["holdout"]:
+    held = report["holdout"]
+    if not held:
         return f"| {label} | {len(fitted)} | – | – | – | – | held-out rung did not finish |"
-    (held,) = report["holdout"]
-    lo, hi = held["interval"] or (float("nan"), float("nan"))
-    ratio = held["x"] / max(p["x"] for p in fitted)
-    inside = "yes" if lo <= held["actual"] <= hi else "no"
+    # Several seeds of the held-out width: score their mean; the interval is for one run.
+    actual = sum(h["actual"] for h in held) / len(held)
+    predicted = held[0]["predicted"]
+    lo, hi = held[0]["interval"] or (float("nan"), float("nan"))
+    inside = sum(lo <= h["actual"] <= hi for h in held)
+    ratio = held[0]["x"] / max(p["x"] for p in fitted)
+    runs = f"mean of {len(held)} seeds " if len(held) > 1 else ""
     fit = report["fit"]
-    return (f"| {label} | {len(fitted)} | {held['x']:,.0f} ({ratio:.1f}×) | {held['actual']:.4f} | "
-            f"{held['predicted']:.4f} | {held['rel_error'] * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] {inside} | "
-            f"{fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
+    return (f"| {label} | {len(fitted)} | {held[0]['x']:,.0f} ({ratio:.1f}×) | {runs}{actual:.4f} | "
+            f"{predicted:.4f} | {(predicted - actual) / actual * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] "
+            f"{inside}/{len(held)} inside | {fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -126,6 +141,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="runs/bench/prediction")
     parser.add_argument("--mutransfer", default="runs/bench/mutransfer",
                         help="bench_mutransfer.py's --out: identical finished runs there are reused")
+    parser.add_argument("--reuse", nargs="*", default=[], metavar="DIR",
+                        help="earlier bench_prediction.py --out directories: identical finished rungs there are reused")
+    parser.add_argument("--seeds", default="", help="comma-separated train.seed values: every rung once per seed")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--batch", type=int, default=8, help="global (= micro) batch size in sequences of 64 tokens")
     parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)), help="proxy sweep grid (log2 η)")
@@ -134,6 +152,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--parallel", type=int, default=2)
     args = parser.parse_args(argv)
     args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
+    args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     start = time.time()
     overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
                  f"train.micro_batch_size={args.batch}"]
@@ -141,7 +160,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(FIGURES, exist_ok=True)
     lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
     reports = {"mup": ladder("mup", overrides, lr, args), "sp": ladder("sp", [*overrides, "mup.enabled=false"], lr, args)}
-    lines = ["| parametrization | rungs fitted | held-out params (× largest fitted) | actual loss | predicted | "
+    lines = ["| parametrization | runs fitted | held-out params (× largest fitted) | actual loss | predicted | "
              "rel. error | 90% interval, contains actual | fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
              row("μP", reports["mup"]), row("SP", reports["sp"]), "",
              f"η = {lr:g} (best of the width-64 proxy sweep), {args.steps} steps × {args.batch * 64} tokens; "

@@ -2,6 +2,7 @@
 
 Writes RUN_DIR/metrics.jsonl (DESIGN.md schema) from a formula of the overrides:
   train loss = 2 + 40·params^-0.3 + (log10(lr) + 2.5)² + 0.05·output_mult + 1/step
+        + 0.001·(seed mod 3 - 1)   (train.seed: seeds 1, 2, 3 average to no offset)
   val loss   = the final train loss - 0.1·output_mult (so train and val prefer different α_out)
 with params = 24·width² + 1024·width. Special learning rates act out the other endings:
   lr >= 1     non-finite losses, then exit 3 (the trainer's non-finite guard)
@@ -26,6 +27,7 @@ def main(argv: list[str]) -> int:
     steps = int(overrides.get("train.max_steps", 10))
     width = int(overrides.get("model.hidden_size", 64))
     mult = float(overrides.get("mup.output_mult", 1.0))
+    seed = int(overrides.get("train.seed", 1))
     if os.environ.get("FAKE_TRAINER_CALLS"):
         with open(os.environ["FAKE_TRAINER_CALLS"], "a") as calls:
             calls.write(out_dir + "\n")
@@ -39,7 +41,7 @@ def main(argv: list[str]) -> int:
         if lr == 0.25:
             print("Traceback (most recent call last):\nRuntimeError: boom", file=sys.stderr)
             return 1
-        base = 2 + 40 * params ** -0.3 + (math.log10(lr) + 2.5) ** 2 + 0.05 * mult
+        base = 2 + 40 * params ** -0.3 + (math.log10(lr) + 2.5) ** 2 + 0.05 * mult + 0.001 * (seed % 3 - 1)
         loss = base
         for step in range(1, steps + 1):
             loss = None if lr >= 1 and step > 2 else 50.0 if lr == 0.5 else base + 1 / step

@@ -94,6 +94,15 @@ def test_holdout_drops_the_largest_x_and_scores_them():
         split_holdout(x, 7)
 
 
+def test_holdout_keeps_repeated_runs_of_one_size_together():
+    x = np.array([1.0, 1.0, 2.0, 2.0, 4.0, 4.0, 8.0, 8.0]) * 1e6  # two seeds per size
+    used = split_holdout(x, 1)
+    assert sorted(x[~used]) == [8e6, 8e6]
+    assert sorted(x[~split_holdout(x, 2)]) == [4e6, 4e6, 8e6, 8e6]
+    with pytest.raises(FitError, match="distinct x"):
+        split_holdout(x, 4)
+
+
 def test_holdout_on_an_exact_law_predicts_the_held_out_loss():
     fit = fit_power_law(LADDER[:-1], law(LADDER[:-1]))
     (point,) = evaluate_holdout(fit, LADDER[-1:], law(LADDER[-1:]), fit.interval(LADDER[-1:], 0.9))

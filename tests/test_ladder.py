@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -20,7 +21,7 @@ from megamu.scaling.ladder import (
     width_for_params,
     width_overrides,
 )
-from megamu.scaling.launch import MetricRule, run_all
+from megamu.scaling.launch import MetricRule, adopt_finished_run, run_all
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "tools"))
@@ -130,6 +131,36 @@ def test_run_and_predict_a_ladder(base_config, tmp_path):
     (held,) = report["holdout"]
     assert held["x"] == results[-1].params and abs(held["rel_error"]) < 1e-3
     assert report["fit"]["b"] == pytest.approx(-0.3, abs=0.02)
+
+
+def test_seeded_ladder_runs_every_width_per_seed_and_holds_out_whole_widths(base_config, tmp_path):
+    specs = plan_ladder(base_config, [], [32, 64, 128, 256], TokenBudget(steps=10), str(tmp_path), seeds=[1, 2, 3])
+    assert [s.name for s in specs[:3]] == ["w32_s1", "w32_s2", "w32_s3"] and len(specs) == 12
+    assert all(s.overrides[-1] == f"train.seed={s.labels['seed']}" for s in specs)
+    results = run_all(specs, MetricRule(smooth=1), parallel=2, trainer=FAKE, echo=False)
+    report, _, _ = predict_ladder(results, holdout=1, smooth=1, min_step=0)
+    held = report["holdout"]
+    assert len(held) == 3 and {h["x"] for h in held} == {results[-1].params}  # all three seeds of width 256
+    assert sorted(round(h["actual"] - held[0]["predicted"], 4) for h in held) == pytest.approx([-0.001, 0, 0.001],
+                                                                                              abs=3e-4)
+    with pytest.raises(ConfigError, match="seeds repeat"):
+        plan_ladder(base_config, [], [32], TokenBudget(steps=10), str(tmp_path), seeds=[1, 1])
+
+
+def test_an_adopted_run_is_reused_not_retrained(base_config, tmp_path, monkeypatch):
+    """A finished run with an identical resolved config (here: the default seed spelled out) is adopted."""
+    (first,) = plan_ladder(base_config, [], [64], TokenBudget(steps=10), str(tmp_path / "a"))
+    (done,) = run_all([first], MetricRule(smooth=1), trainer=FAKE, echo=False)
+    (seeded,) = plan_ladder(base_config, ["train.seed=1234"], [64], TokenBudget(steps=10), str(tmp_path / "b"))
+    with pytest.raises(ValueError, match="launched with other settings"):  # a plain copy is refused
+        shutil.copytree(first.run_dir, seeded.run_dir)
+        run_all([seeded], MetricRule(smooth=1), trainer=FAKE, echo=False)
+    shutil.rmtree(seeded.run_dir)
+    adopt_finished_run(first.run_dir, seeded)
+    calls = tmp_path / "calls.txt"
+    monkeypatch.setenv("FAKE_TRAINER_CALLS", str(calls))
+    (again,) = run_all([seeded], MetricRule(smooth=1), trainer=FAKE, echo=False)
+    assert again.status == "done" and again.value == done.value and not calls.exists()
 
 
 def test_failed_rungs_are_reported_not_fitted(base_config, tmp_path):

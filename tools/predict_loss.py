@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--smooth", type=int, default=10, help="mean of the last W train records (default 10)")
     parser.add_argument("--min-step", type=int, default=None,
                         help="ignore records before this step (default min(5000, half the run): past the transient)")
-    parser.add_argument("--holdout", type=int, default=0, help="fit all but the K largest x and score those K")
+    parser.add_argument("--holdout", type=int, default=0, help="fit all but the K largest x (all runs at each) and score those")
     parser.add_argument("--target", type=float, help="predict the loss at this x")
     parser.add_argument("--level", type=float, default=0.9, help="nominal interval coverage (default 0.9)")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",

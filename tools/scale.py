@@ -2,13 +2,14 @@
 
     python tools/scale.py --config configs/mup_proxy.yaml --overlay runs/sweep/best.yaml \\
         --widths 64,96,128,192,256 | --params 1e6,2e6,4e6 \\
-        [--steps N | --tokens-per-param R] --out runs/ladder [--parallel 2] \\
+        [--steps N | --tokens-per-param R] [--seeds 1,2,3] --out runs/ladder [--parallel 2] \\
         [--predict [--holdout 1] [--target X | --target-mult 8] [--metric train|val]] [-- section.key=value ...]
 
 Widths keep the proxy's head dimension (n_heads = width / head_dim) and mup.base_hidden_size;
 --params picks, for each target count, the multiple of the head dimension nearest to it. Every
-rung is a run directory DIR/w<width>; re-running resumes (finished rungs are kept). --predict fits
-L = a·params^b + c on all but the --holdout largest rungs and writes DIR/prediction.{json,png}.
+rung is a run directory DIR/w<width> (DIR/w<width>_s<seed> with --seeds: every width once per seed);
+re-running resumes (finished rungs are kept). --predict fits L = a·params^b + c on all but the
+--holdout largest widths (all their seeds) and writes DIR/prediction.{json,png}.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--steps", type=int, help="fixed steps for every rung (default: the config's max_steps)")
     budget.add_argument("--tokens-per-param", type=float, help="tokens ∝ params: steps = ceil(R·params / batch tokens)")
+    parser.add_argument("--seeds", type=number_list, default=[],
+                        help="train every width once per seed (train.seed); the fit sees every run")
     parser.add_argument("--out", required=True, help="ladder directory (one run directory per width)")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--trainer", default=shlex.join(DEFAULT_TRAINER), help="trainer command (default: %(default)s)")
@@ -77,7 +80,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         widths = ([int(w) for w in args.widths] if args.widths
                   else [width_for_params(args.config, overrides, p) for p in args.params])
         budget = TokenBudget(args.steps, args.tokens_per_param)
-        specs = plan_ladder(args.config, overrides, sorted(set(widths)), budget, args.out)
+        specs = plan_ladder(args.config, overrides, sorted(set(widths)), budget, args.out,
+                            [int(seed) for seed in args.seeds])
         rule = MetricRule(args.metric, args.smooth)
         results = run_all(specs, rule, args.parallel, shlex.split(args.trainer))
         print()

@@ -298,14 +298,18 @@ class HoldoutPoint:
 
 
 def split_holdout(x: Sequence[float], k: int) -> np.ndarray:
-    """Boolean mask of the points used for fitting: all but the k largest x."""
+    """Boolean mask of the points used for fitting: all but those at the k largest distinct x.
+
+    Runs repeated at one x (several seeds of a model size) are held out or fitted together.
+    """
     x_arr = np.asarray(x, dtype=float)
-    if k < 0 or k >= len(x_arr):
-        raise FitError(f"--holdout {k} must be between 0 and the number of points minus one ({len(x_arr) - 1})")
-    used = np.ones(len(x_arr), dtype=bool)
-    if k:
-        used[np.argsort(x_arr, kind="stable")[-k:]] = False
-    return used
+    distinct = np.unique(x_arr)
+    if k < 0 or k >= len(distinct):
+        raise FitError(f"--holdout {k} must be between 0 and the number of distinct x values minus one "
+                       f"({len(distinct) - 1})")
+    if not k:
+        return np.ones(len(x_arr), dtype=bool)
+    return x_arr < distinct[-k]
 
 
 def evaluate_holdout(

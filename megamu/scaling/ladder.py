@@ -122,12 +122,19 @@ def plan_ladder(
     widths: Sequence[int],
     budget: TokenBudget,
     out_dir: str,
+    seeds: Sequence[int] = (),
 ) -> list[RunSpec]:
-    """One run per width, named w<width>, validated before anything is launched."""
+    """One run per width, named w<width>, validated before anything is launched.
+
+    With `seeds`, one run per width and seed, named w<width>_s<seed> (train.seed=<seed>): averaging
+    seeds is how a small rung's run-to-run noise is kept below the width effect being fitted.
+    """
     if not widths:
         raise ConfigError("the ladder needs at least one width (or target parameter count)")
     if len(set(widths)) != len(widths):
         raise ConfigError(f"widths repeat: {list(widths)}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"seeds repeat: {list(seeds)}")
     specs = []
     for width in sorted(widths):
         cfg, scaled = _config_at(config, overrides, width)
@@ -139,9 +146,13 @@ def plan_ladder(
         run_overrides = [*overrides, *scaled, f"train.max_steps={steps}"]
         load_config(config, run_overrides).validate(world_size=None)  # bad keys or files: fail before launching
         tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
-        specs.append(RunSpec(name=f"w{width}", run_dir=os.path.join(out_dir, f"w{width}"), config=config,
-                             overrides=run_overrides, max_steps=steps,
-                             labels={"width": width, "params": params, "steps": steps, "tokens": tokens}))
+        labels = {"width": width, "params": params, "steps": steps, "tokens": tokens}
+        for seed in seeds or [None]:
+            name = f"w{width}" if seed is None else f"w{width}_s{seed}"
+            seeded = [] if seed is None else [f"train.seed={seed}"]
+            specs.append(RunSpec(name=name, run_dir=os.path.join(out_dir, name), config=config,
+                                 overrides=[*run_overrides, *seeded], max_steps=steps,
+                                 labels={**labels, **({} if seed is None else {"seed": seed})}))
     return specs
 
 
@@ -169,11 +180,11 @@ def predict_ladder(results: Sequence[RunResult], holdout: int = 1, target: Optio
 
 
 def format_ladder(results: Sequence[RunResult], rule: MetricRule) -> str:
-    """One line per rung: width, params, steps, tokens, status and loss (or why it has none)."""
-    lines = [f"{'width':>6} {'params':>10} {'steps':>6} {'tokens':>10}  {'status':<8} {rule.metric} loss"]
+    """One line per rung: name, params, steps, tokens, status and loss (or why it has none)."""
+    lines = [f"{'rung':>12} {'params':>10} {'steps':>6} {'tokens':>10}  {'status':<8} {rule.metric} loss"]
     for r in results:
         value = f"{r.value:.4f}" if r.status == "done" else (r.reason.splitlines()[0][:60] if r.reason else "-")
-        lines.append(f"{r.labels['width']:>6} {r.labels['params']:>10,} {r.labels['steps']:>6} "
+        lines.append(f"{r.name:>12} {r.labels['params']:>10,} {r.labels['steps']:>6} "
                      f"{r.labels['tokens']:>10,}  {r.status:<8} {value}")
     for r in results:
         if r.status == "failed" and r.log_tail:

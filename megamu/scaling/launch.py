@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -162,6 +163,22 @@ def _write_status(result: RunResult, spec: RunSpec) -> None:
     with open(path + ".tmp", "w") as handle:
         json.dump({**result.to_dict(), "launch": _launch_settings(spec)}, handle, indent=1)
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
+
+
+def adopt_finished_run(source_dir: str, spec: RunSpec) -> None:
+    """Copy a finished run (checkpoints left behind) to `spec.run_dir` and record it as launched by `spec`.
+
+    Only for a run whose resolved config the caller has checked to be identical to the spec's (the
+    same model, data and schedule reached through other overrides): it then is this spec's run.
+    """
+    shutil.copytree(source_dir, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    path = os.path.join(spec.run_dir, STATUS_FILE)
+    with open(path) as handle:
+        status = json.load(handle)
+    status["run_dir"] = spec.run_dir
+    with open(path + ".tmp", "w") as handle:
+        json.dump({**status, "launch": _launch_settings(spec)}, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def previous_result(spec: RunSpec, rule: MetricRule) -> Optional[RunResult]:
