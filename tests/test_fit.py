@@ -7,6 +7,7 @@ from megamu.scaling.fit import (
     bootstrap_interval,
     evaluate_holdout,
     fit_power_law,
+    prediction_interval,
     split_holdout,
 )
 from megamu.scaling.two_var import fit_two_var
@@ -73,6 +74,15 @@ def test_bootstrap_interval_brackets_the_prediction_with_a_sensible_width():
     np.testing.assert_array_equal(boot, again)  # seeded: reproducible
     with pytest.raises(FitError, match="too few resamples"):
         bootstrap_interval(fit, TARGET, 0.9, n_resamples=5)
+
+
+def test_reported_interval_never_goes_below_zero_loss():
+    x = LADDER[:5]
+    loss = 0.02 * x ** -0.3 + np.random.default_rng(3).normal(0, 0.02, len(x)) + 0.05  # noise ~ the loss itself
+    fit = fit_power_law(x, np.abs(loss))
+    assert fit.interval(TARGET, 0.99)[0][0] < 0  # the raw delta method would report a negative loss
+    lo, hi = prediction_interval(fit, TARGET, 0.99)[0]  # what the tool reports (bootstrap: the same cut)
+    assert lo == 0.0 < hi
 
 
 def test_holdout_drops_the_largest_x_and_scores_them():

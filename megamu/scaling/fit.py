@@ -283,9 +283,9 @@ def prediction_interval(
     fit: PowerLawFit, x: "np.ndarray | float", level: float, bootstrap: int = 0, seed: int = 0
 ) -> Optional[np.ndarray]:
     """The interval the tool reports: residual bootstrap when `bootstrap` > 0, else delta method."""
-    if bootstrap > 0:
-        return bootstrap_interval(fit, x, level, bootstrap, seed)
-    return fit.interval(x, level)
+    interval = bootstrap_interval(fit, x, level, bootstrap, seed) if bootstrap > 0 else fit.interval(x, level)
+    # A loss is never negative: a symmetric interval around a small loss is cut at 0.
+    return None if interval is None else np.maximum(interval, 0.0)
 
 
 @dataclass(frozen=True)
