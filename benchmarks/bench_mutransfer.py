@@ -1,12 +1,14 @@
 """μTransfer check: final loss vs log2(η) at widths 64..512, under μP and under SP, on the sample corpus.
 
-    python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 100] [--parallel 2]
+    python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 300] [--parallel 2]
+        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only]
 
-Model: configs/mup_proxy.yaml (llama, 2 layers, head dim 16, seq 64, batch 8, base width 64) on
+Model: configs/mup_proxy.yaml (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
 the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
 SP: mup.enabled=false. At width 64 (m = 1) μP and SP are the same model with the same updates (a
 tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ and
-prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept.
+prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept;
+--report-only tabulates what has finished (e.g. a wide width run at fewer η) without launching.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megamu.demo import prepare_sample_data  # noqa: E402
-from megamu.scaling.launch import MetricRule, RunResult  # noqa: E402
+from megamu.scaling.launch import MetricRule, RunResult, previous_result  # noqa: E402
 from megamu.scaling.sweep import SweepPlan, best_result, run_sweep  # noqa: E402
 from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value  # noqa: E402
 
@@ -54,6 +56,11 @@ def copy_shared_runs(src: str, dst: str, width: int) -> None:
         if name.startswith(f"w{width}__") and not os.path.exists(os.path.join(dst, name)):
             shutil.copytree(os.path.join(src, name), os.path.join(dst, name),
                             ignore=shutil.ignore_patterns("checkpoints"))
+
+
+def finished_results(plan: SweepPlan, rule: MetricRule) -> list[RunResult]:
+    """The plan's runs that already ended (done or diverged), launching nothing; the rest are left out."""
+    return [r for r in (previous_result(spec, rule) for spec in plan.specs()) if r is not None]
 
 
 def best_log2(results: list[RunResult], width: int) -> Optional[float]:
@@ -106,6 +113,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--widths", default=",".join(map(str, WIDTHS)))
     parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)))
+    parser.add_argument("--report-only", action="store_true",
+                        help="launch nothing: tabulate and plot the runs that finished (n/a for the others)")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
@@ -115,11 +124,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
     start = time.time()
     mup_dir, sp_dir = os.path.join(args.out, "mup"), os.path.join(args.out, "sp")
-    mup, _ = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, widths, mup_dir), rule, args.parallel)
-    if BASE_WIDTH in widths:
-        copy_shared_runs(mup_dir, sp_dir, BASE_WIDTH)
-    sp, _ = run_sweep(SweepPlan(PROXY_CONFIG, [*overrides, "mup.enabled=false"], points, widths, sp_dir),
-                      rule, args.parallel)
+    mup_plan = SweepPlan(PROXY_CONFIG, overrides, points, widths, mup_dir)
+    sp_plan = SweepPlan(PROXY_CONFIG, [*overrides, "mup.enabled=false"], points, widths, sp_dir)
+    if args.report_only:
+        mup, sp = finished_results(mup_plan, rule), finished_results(sp_plan, rule)
+    else:
+        mup, _ = run_sweep(mup_plan, rule, args.parallel)
+        if BASE_WIDTH in widths:
+            copy_shared_runs(mup_dir, sp_dir, BASE_WIDTH)
+        sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(FIGURES, exist_ok=True)
     for name, results in (("mup", mup), ("sp", sp)):
