@@ -149,7 +149,8 @@ sys.exit(main(sys.argv[1:]))
 
 def test_interrupted_checkpoint_is_not_resumed_and_dp1_resume_is_exact(config, runs, reference):
     run = runs / "crash"
-    crashed = run_script(CRASH_BEFORE_POINTER, ["--config", config, f"train.out_dir={run}", "train.save_interval=2"])
+    crashed = run_script(CRASH_BEFORE_POINTER, ["--config", config, f"train.out_dir={run}", "train.save_interval=2",
+                                                "--deepspeed_config", "ds_configs/zero1.json"])
     assert crashed.returncodes == [17], crashed.describe()
     ckpt = run / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == "global_step4"  # DeepSpeed's pointer moved ...
@@ -160,6 +161,17 @@ def test_interrupted_checkpoint_is_not_resumed_and_dp1_resume_is_exact(config, r
     assert losses(str(run)) == losses(reference)
     log = open(run / "metrics.jsonl").read()
     assert log.count('"kind": "meta"') == 1  # a resumed run appends
+
+
+def test_resuming_with_another_zero_stage_names_the_cause(config, runs, reference):
+    import shutil
+
+    run = runs / "other_stage"
+    shutil.copytree(reference, run)  # saved under ZeRO 1
+    result = run_train(["--config", config, f"train.out_dir={run}", "train.resume=true", "train.max_steps=8",
+                        "--deepspeed_config", "ds_configs/zero0.json"], 1)
+    assert not result.ok
+    assert "resumes with the ZeRO stage, parallel layout and world size it was saved with" in result.ranks[0].output
 
 
 def test_resuming_a_finished_run_trains_nothing_and_succeeds(config, runs, reference):

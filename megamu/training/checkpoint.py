@@ -113,7 +113,13 @@ def load_checkpoint(engine: Any, ckpt_dir: str) -> Optional[dict[str, Any]]:
     tag = read_pointer(ckpt_dir)
     if tag is None:
         return None
-    load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    try:
+        load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+    except Exception as e:  # DeepSpeed's own message names files, not the usual cause
+        raise RuntimeError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {e}). A checkpoint "
+                           f"resumes with the ZeRO stage, parallel layout and world size it was saved with; without "
+                           f"--deepspeed_config the stage is 0 on one data-parallel rank and 1 otherwise, so pass the "
+                           f"json the run was started with") from e
     if load_path is None:
         raise RuntimeError(f"{os.path.join(ckpt_dir, POINTER)} names {tag!r} but DeepSpeed could not load it; "
                            f"delete the pointer to start afresh or point it at another complete tag")

@@ -65,6 +65,10 @@ def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Engine:
     if cfg.train.compile:
         engine.compile()
     stage = engine.zero_optimization_stage()
+    if stage == 0 and state.get_data_parallel_world_size() == 1:
+        # One data-parallel rank: DeepSpeed's reduction would flatten every gradient, "all-reduce" it over
+        # that one rank and copy it back (4 passes over the gradients per step for nothing).
+        engine.enable_backward_allreduce = False
     # ZeRO 1-3 compute the global grad norm (over every rank) before their inner step: the gate reuses it.
     zero_norm = (lambda: getattr(engine.optimizer, "_global_grad_norm", None)) if stage > 0 else (lambda: None)
     gate = NonFiniteStepGate(_innermost_optimizer(ds_optimizer), state.get_data_parallel_group(), zero_norm)
