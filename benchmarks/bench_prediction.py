@@ -99,7 +99,8 @@ def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace)
     losses = {r.name: r.value for r in results}
     print("final losses: " + ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in losses.items()))
     try:
-        report, fit, dropped = predict_ladder(results, holdout=1, metric=RULE.metric, smooth=RULE.smooth)
+        report, fit, dropped = predict_ladder(results, holdout=1, metric=RULE.metric, smooth=RULE.smooth,
+                                              seed_offsets=len(args.seeds) > 1)
     except FitError as exc:  # a ladder the power law cannot describe is a result, not a crash
         print(f"no fit: {exc}")
         report = {"error": str(exc), "losses": losses, "params": {r.name: r.labels["params"] for r in results}}
@@ -123,17 +124,16 @@ def row(label: str, report: dict) -> str:
     held = report["holdout"]
     if not held:
         return f"| {label} | {len(fitted)} | – | – | – | – | held-out rung did not finish |"
-    # Several seeds of the held-out width: score their mean; the interval is for one run.
-    actual = sum(h["actual"] for h in held) / len(held)
-    predicted = held[0]["predicted"]
-    lo, hi = held[0]["interval"] or (float("nan"), float("nan"))
-    inside = sum(lo <= h["actual"] <= hi for h in held)
-    ratio = held[0]["x"] / max(p["x"] for p in fitted)
-    runs = f"mean of {len(held)} seeds " if len(held) > 1 else ""
+    # Several seeds of the held-out width (seed offsets): score their mean against the seed-averaged law.
+    (scored,) = report.get("holdout_mean") or held
+    lo, hi = scored["interval"] or (float("nan"), float("nan"))
+    ratio = scored["x"] / max(p["x"] for p in fitted)
+    runs = f"mean of {scored['runs']} seeds " if "runs" in scored else ""
+    inside = "yes" if lo <= scored["actual"] <= hi else "no"
     fit = report["fit"]
-    return (f"| {label} | {len(fitted)} | {held[0]['x']:,.0f} ({ratio:.1f}×) | {runs}{actual:.4f} | "
-            f"{predicted:.4f} | {(predicted - actual) / actual * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] "
-            f"{inside}/{len(held)} inside | {fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
+    return (f"| {label} | {len(fitted)} | {scored['x']:,.0f} ({ratio:.1f}×) | {runs}{scored['actual']:.4f} | "
+            f"{scored['predicted']:.4f} | {scored['rel_error'] * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] {inside} | "
+            f"{fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -8,7 +8,7 @@ with params = 24·width² + 1024·width. Special learning rates act out the othe
   lr >= 1     non-finite losses, then exit 3 (the trainer's non-finite guard)
   lr == 0.5   finite but huge losses (above ln(vocab)), exit 0
   lr == 0.25  a crash: a traceback on stderr, exit 1
-Each call appends its run directory to $FAKE_TRAINER_CALLS when that is set.
+It also writes RUN_DIR/config.yaml with train.seed. Each call appends its run directory to $FAKE_TRAINER_CALLS when that is set.
 """
 from __future__ import annotations
 
@@ -32,6 +32,8 @@ def main(argv: list[str]) -> int:
         with open(os.environ["FAKE_TRAINER_CALLS"], "a") as calls:
             calls.write(out_dir + "\n")
     os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.yaml"), "w") as config:  # the resolved config, as the trainer saves it
+        json.dump({"train": {"seed": seed, "lr": lr, "max_steps": steps}}, config)  # JSON is valid YAML
     params = 24 * width * width + 2 * VOCAB * width
     with open(os.path.join(out_dir, "metrics.jsonl"), "a") as metrics:
         def write(record: dict) -> None:

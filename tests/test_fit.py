@@ -168,3 +168,42 @@ def test_two_variable_fit_refuses_points_that_vary_in_one_variable():
         fit_two_var(n, np.full(8, 1e9), two_var_law(n, 1e9))
     with pytest.raises(FitError, match="5 parameters"):
         fit_two_var(n[:4], n[:4] * 10, two_var_law(n[:4], n[:4] * 10))
+
+
+def seeded_ladder(offsets: dict, noise: float, rng_seed: int):
+    """Every seed at every size of LADDER: the law plus the seed's offset plus small per-run noise."""
+    from megamu.scaling.points import LossPoint
+
+    rng = np.random.default_rng(rng_seed)
+    return [LossPoint(name=f"x{i}_s{s}", loss=float(law(x) + d + rng.normal(0, noise)), params=float(x), seed=s)
+            for i, x in enumerate(LADDER) for s, d in offsets.items()]
+
+
+def test_seed_offsets_recover_each_seeds_luck_and_predict_the_seed_mean():
+    from megamu.scaling.predict import predict
+
+    offsets = {1: 0.15, 2: -0.10, 3: -0.05}  # μP ladders: a seed's luck is shared by every width
+    points = seeded_ladder(offsets, noise=0.003, rng_seed=0)
+    report, fit = predict(points, holdout=1, seed_offsets=True)
+    assert report["seed_offsets"] == pytest.approx({str(s): d for s, d in offsets.items()}, abs=0.005)
+    assert fit.b == pytest.approx(TRUE_B, abs=0.05) and report["dof"] == 21 - 3 - 2
+    assert all(abs(h["rel_error"]) < 0.005 for h in report["holdout"])  # each seed at curve + its offset
+    (mean,) = report["holdout_mean"]
+    assert mean["runs"] == 3 and abs(mean["rel_error"]) < 0.003
+    assert mean["interval"][0] <= mean["actual"] <= mean["interval"][1]
+    # Ignoring the offsets leaves them in the residuals: a far noisier fit of the same points.
+    plain, _ = predict(points, holdout=1)
+    assert plain["residual_std"] > 10 * report["residual_std"]
+
+
+def test_seed_offsets_refuse_unbalanced_or_unseeded_points():
+    from megamu.scaling.points import LossPoint
+    from megamu.scaling.predict import predict
+
+    points = seeded_ladder({1: 0.1, 2: -0.1}, noise=0.003, rng_seed=1)
+    with pytest.raises(FitError, match="every seed at every fitted size.*seeds 1 and 2 differ"):
+        predict(points[1:], holdout=1, seed_offsets=True)  # seed 1 lacks the smallest size
+    with pytest.raises(FitError, match="point 'odd' has no seed"):
+        predict([*points, LossPoint(name="odd", loss=3.0, params=1e6)], holdout=1, seed_offsets=True)
+    with pytest.raises(FitError, match="at least 2 seeds"):
+        predict([p for p in points if p.seed == 1], holdout=1, seed_offsets=True)

@@ -138,11 +138,14 @@ def test_seeded_ladder_runs_every_width_per_seed_and_holds_out_whole_widths(base
     assert [s.name for s in specs[:3]] == ["w32_s1", "w32_s2", "w32_s3"] and len(specs) == 12
     assert all(s.overrides[-1] == f"train.seed={s.labels['seed']}" for s in specs)
     results = run_all(specs, MetricRule(smooth=1), parallel=2, trainer=FAKE, echo=False)
-    report, _, _ = predict_ladder(results, holdout=1, smooth=1, min_step=0)
+    report, _, _ = predict_ladder(results, holdout=1, smooth=1, min_step=0, seed_offsets=True)
     held = report["holdout"]
     assert len(held) == 3 and {h["x"] for h in held} == {results[-1].params}  # all three seeds of width 256
-    assert sorted(round(h["actual"] - held[0]["predicted"], 4) for h in held) == pytest.approx([-0.001, 0, 0.001],
-                                                                                              abs=3e-4)
+    # The fake's seed offsets (0, +0.001, -0.001 for seeds 1, 2, 3) are recovered and predicted per seed.
+    assert report["seed_offsets"] == pytest.approx({"1": 0.0, "2": 0.001, "3": -0.001}, abs=1e-6)
+    assert all(abs(h["rel_error"]) < 1e-4 for h in held)
+    (mean,) = report["holdout_mean"]
+    assert mean["runs"] == 3 and abs(mean["rel_error"]) < 1e-4
     with pytest.raises(ConfigError, match="seeds repeat"):
         plan_ladder(base_config, [], [32], TokenBudget(steps=10), str(tmp_path), seeds=[1, 1])
 

@@ -208,3 +208,16 @@ def test_tool_bootstrap_interval_from_csv(tmp_path):
     lo, hi = report["prediction"]["interval"]
     assert lo < report["prediction"]["loss"] < hi
     assert report["holdout"][0]["interval"][0] < report["holdout"][0]["predicted"] < report["holdout"][0]["interval"][1]
+
+
+def test_tool_seed_offsets_from_a_csv_seed_column(tmp_path, capsys):
+    params = np.geomspace(1e6, 3e7, 6)
+    offsets = {7: 0.12, 8: -0.12}
+    rows = "".join(f"{n},{final_loss_law(n) + d},{s}\n" for n in params for s, d in offsets.items())
+    csv = write_csv(tmp_path / "seeds.csv", "params,loss,seed\n" + rows)
+    out = tmp_path / "seeds.json"
+    assert predict_loss.main(["--points", csv, "--holdout", "1", "--seed-offsets", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["seed_offsets"] == pytest.approx({"7": 0.12, "8": -0.12}, abs=1e-6)
+    assert abs(report["holdout_mean"][0]["rel_error"]) < 1e-6
+    assert "mean of 2 seeds" in capsys.readouterr().out

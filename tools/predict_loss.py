@@ -2,7 +2,7 @@
 
     python tools/predict_loss.py RUN_DIR... | --points FILE.csv [--x params|tokens|flops]
         [--metric train|val] [--at-step S | --at-tokens T] [--smooth W] [--min-step S]
-        [--holdout K] [--target X] [--level P] [--bootstrap N] [--two-var --target-tokens D]
+        [--holdout K] [--seed-offsets] [--target X] [--level P] [--bootstrap N] [--two-var --target-tokens D]
         [--json OUT] [--plot OUT.png]
 """
 from __future__ import annotations
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-step", type=int, default=None,
                         help="ignore records before this step (default min(5000, half the run): past the transient)")
     parser.add_argument("--holdout", type=int, default=0, help="fit all but the K largest x (all runs at each) and score those")
+    parser.add_argument("--seed-offsets", action="store_true",
+                        help="runs repeated per seed at every size: fit a per-seed offset (train.seed of each run, "
+                             "or a CSV `seed` column) and score each held-out size's seed mean")
     parser.add_argument("--target", type=float, help="predict the loss at this x")
     parser.add_argument("--level", type=float, default=0.9, help="nominal interval coverage (default 0.9)")
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N",
@@ -60,7 +63,7 @@ def main(argv: Optional[list] = None) -> int:
             points = [read_run_point(d, args.metric, args.at_step, args.at_tokens, args.smooth, args.min_step)
                       for d in args.run_dirs]
         report, fit = predict(points, args.x, args.holdout, args.target, args.level, args.bootstrap,
-                              args.two_var, args.target_tokens, args.seed)
+                              args.two_var, args.target_tokens, args.seed, args.seed_offsets)
     except FitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

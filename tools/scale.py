@@ -9,7 +9,9 @@ Widths keep the proxy's head dimension (n_heads = width / head_dim) and mup.base
 --params picks, for each target count, the multiple of the head dimension nearest to it. Every
 rung is a run directory DIR/w<width> (DIR/w<width>_s<seed> with --seeds: every width once per seed);
 re-running resumes (finished rungs are kept). --predict fits L = a·params^b + c on all but the
---holdout largest widths (all their seeds) and writes DIR/prediction.{json,png}.
+--holdout largest widths (all their seeds) and writes DIR/prediction.{json,png}; with several
+--seeds the fit has a per-seed offset (a seed's luck is shared across widths under μP) and scores
+the mean of the held-out widths' seeds.
 """
 from __future__ import annotations
 
@@ -90,7 +92,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 0 if all(r.status == "done" for r in results) else 1
         largest = max(r.labels["params"] for r in results)
         target = args.target or (args.target_mult * largest if args.target_mult else None)
-        report, fit, dropped = predict_ladder(results, args.holdout, target, args.metric, args.smooth, args.min_step)
+        report, fit, dropped = predict_ladder(results, args.holdout, target, args.metric, args.smooth, args.min_step,
+                                              seed_offsets=len(args.seeds) > 1)
     except (ConfigError, FitError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -62,11 +62,12 @@ class PowerLawFit:
     x_scale: float  # geometric mean of the fitted x; x̃ = x / x_scale
     theta: np.ndarray  # (log a·x_scale^b, b, c)
     covariance: Optional[np.ndarray]  # of theta; None when no degree of freedom is left
-    sigma: float  # residual standard deviation, sqrt(SSR / (n − 3)); 0 when n == 3
+    sigma: float  # residual standard deviation, sqrt(SSR / dof); 0 when dof == 0
+    absorbed_dof: int = 0  # degrees of freedom the caller spent on the data before the fit (seed offsets)
 
     @property
     def dof(self) -> int:
-        return len(self.x) - N_PARAMS
+        return len(self.x) - N_PARAMS - self.absorbed_dof
 
     @property
     def residuals(self) -> np.ndarray:
@@ -76,19 +77,21 @@ class PowerLawFit:
     def predict(self, x: "np.ndarray | float") -> np.ndarray:
         return _model(self.theta, np.asarray(x, dtype=float) / self.x_scale)
 
-    def interval(self, x: "np.ndarray | float", level: float) -> Optional[np.ndarray]:
-        """Delta-method prediction interval, shape (len(x), 2); None with no degree of freedom."""
+    def interval(self, x: "np.ndarray | float", level: float, runs: int = 1) -> Optional[np.ndarray]:
+        """Delta-method prediction interval for the mean loss of `runs` new runs at x, shape (len(x), 2);
+        None with no degree of freedom."""
         if self.covariance is None:
             return None
         centre = self.predict(np.atleast_1d(x))
-        half = stats.t.ppf(0.5 + level / 2, self.dof) * self.prediction_sd(x)
+        half = stats.t.ppf(0.5 + level / 2, self.dof) * self.prediction_sd(x, runs)
         return np.stack([centre - half, centre + half], axis=1)
 
-    def prediction_sd(self, x: "np.ndarray | float") -> np.ndarray:
-        """Standard deviation of a new run's loss about the fit at x: curve (delta method) and noise."""
+    def prediction_sd(self, x: "np.ndarray | float", runs: int = 1) -> np.ndarray:
+        """Standard deviation of the mean loss of `runs` new runs about the fit at x: curve (delta method)
+        and run-to-run noise."""
         x_tilde = np.atleast_1d(np.asarray(x, dtype=float)) / self.x_scale
         grad = _jacobian(self.theta, x_tilde)
-        return np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad) + self.sigma**2)
+        return np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad) + self.sigma**2 / runs)
 
 
 def _model(theta: np.ndarray, x_tilde: np.ndarray) -> np.ndarray:
@@ -143,9 +146,13 @@ def best_least_squares(residuals: Callable[[np.ndarray], np.ndarray], jacobian: 
     return best
 
 
-def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
-    """Least-squares fit of L = a·x^b + c with b < 0 and 0 ≤ c ≤ min(loss), from several starts."""
-    x_arr, loss_arr = check_points(x, loss)
+def fit_power_law(x: Sequence[float], loss: Sequence[float], absorbed_dof: int = 0) -> PowerLawFit:
+    """Least-squares fit of L = a·x^b + c with b < 0 and 0 ≤ c ≤ min(loss), from several starts.
+
+    `absorbed_dof`: degrees of freedom already spent on `loss` (e.g. seed offsets subtracted from it),
+    taken off the residual degrees of freedom.
+    """
+    x_arr, loss_arr = check_points(x, loss, min_points=N_PARAMS + absorbed_dof)
     x_scale = float(np.exp(np.mean(np.log(x_arr))))
     x_tilde = x_arr / x_scale
     floor_max = float(loss_arr.min())
@@ -160,7 +167,7 @@ def fit_power_law(x: Sequence[float], loss: Sequence[float]) -> PowerLawFit:
             "and that the points come from comparable runs"
         )
     _check_decreasing(best.x, x_tilde, loss_arr)
-    return _finish(best.x, x_arr, loss_arr, x_scale)
+    return _finish(best.x, x_arr, loss_arr, x_scale, absorbed_dof)
 
 
 def _check_decreasing(theta: np.ndarray, x_tilde: np.ndarray, loss: np.ndarray) -> None:
@@ -203,11 +210,12 @@ def _starts(x_tilde: np.ndarray, loss: np.ndarray, floor_max: float) -> list:
     return [candidates[i][1] for i in minima[:_MAX_STARTS]]
 
 
-def _finish(theta: np.ndarray, x: np.ndarray, loss: np.ndarray, x_scale: float) -> PowerLawFit:
+def _finish(theta: np.ndarray, x: np.ndarray, loss: np.ndarray, x_scale: float,
+            absorbed_dof: int = 0) -> PowerLawFit:
     """Turn the optimum into a PowerLawFit with covariance and natural-unit standard errors."""
     log_amp, b, c = (float(v) for v in theta)
     a = math.exp(log_amp - b * math.log(x_scale))
-    dof = len(x) - N_PARAMS
+    dof = len(x) - N_PARAMS - absorbed_dof
     residuals = loss - _model(theta, x / x_scale)
     covariance = stderr = None
     sigma = 0.0
@@ -230,7 +238,7 @@ def _finish(theta: np.ndarray, x: np.ndarray, loss: np.ndarray, x_scale: float) 
             "b": float(np.sqrt(covariance[1, 1])),
             "c": float(np.sqrt(covariance[2, 2])),
         }
-    return PowerLawFit(a, b, c, stderr, x, loss, x_scale, np.array(theta, dtype=float), covariance, sigma)
+    return PowerLawFit(a, b, c, stderr, x, loss, x_scale, np.array(theta, dtype=float), covariance, sigma, absorbed_dof)
 
 
 def bootstrap_interval(
@@ -276,7 +284,7 @@ def _refit_from(fit: PowerLawFit, loss: np.ndarray) -> PowerLawFit:
                                 [fit.theta], lower, upper)
     if result is None:
         raise FitError("bootstrap refit did not converge")
-    return _finish(result.x, fit.x, loss, fit.x_scale)
+    return _finish(result.x, fit.x, loss, fit.x_scale, fit.absorbed_dof)
 
 
 def prediction_interval(
@@ -313,10 +321,12 @@ def split_holdout(x: Sequence[float], k: int) -> np.ndarray:
 
 
 def evaluate_holdout(
-    fit: PowerLawFit, x: np.ndarray, actual: np.ndarray, intervals: Optional[np.ndarray]
+    fit: PowerLawFit, x: np.ndarray, actual: np.ndarray, intervals: Optional[np.ndarray],
+    offset: "np.ndarray | float" = 0.0,
 ) -> list:
-    """Predicted vs actual loss at held-out points, with relative error and the given intervals."""
-    predicted = fit.predict(x) if len(x) else []
+    """Predicted (the curve plus `offset`, e.g. a seed's) vs actual loss at held-out points, with relative
+    error and the given intervals."""
+    predicted = fit.predict(x) + offset if len(x) else []
     return [
         HoldoutPoint(
             x=float(xi),

@@ -170,12 +170,14 @@ def ladder_points(results: Sequence[RunResult], metric: str = "train", smooth: i
 
 def predict_ladder(results: Sequence[RunResult], holdout: int = 1, target: Optional[float] = None,
                    metric: str = "train", smooth: int = 10, min_step: Optional[int] = None,
-                   level: float = 0.9, bootstrap: int = 0) -> tuple[dict, object, list[str]]:
-    """Fit L = a·params^b + c on the ladder (all but the `holdout` largest) and predict; (report, fit, dropped)."""
+                   level: float = 0.9, bootstrap: int = 0,
+                   seed_offsets: bool = False) -> tuple[dict, object, list[str]]:
+    """Fit L = a·params^b + c on the ladder (all but the `holdout` largest widths) and predict; (report, fit,
+    dropped). `seed_offsets`: a ladder run once per seed, fitted with a per-seed offset (scaling.seeds)."""
     points, dropped = ladder_points(results, metric, smooth, min_step)
     if not points:
         raise FitError("no rung of the ladder finished: nothing to fit (" + "; ".join(dropped) + ")")
-    report, fit = predict(points, "params", holdout, target, level, bootstrap)
+    report, fit = predict(points, "params", holdout, target, level, bootstrap, seed_offsets=seed_offsets)
     return report, fit, dropped
 
 

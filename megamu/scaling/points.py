@@ -1,7 +1,8 @@
 """Loss points to fit, and reading them from a CSV written by any trainer.
 
 The CSV has a header with `loss` and at least one of `params`, `tokens`, `flops`; `params_m`
-gives params in millions instead of `params`; `name` and `width` are optional labels.
+gives params in millions instead of `params`; `name`, `width` and `seed` (for --seed-offsets) are
+optional labels.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class LossPoint:
     flops: Optional[float] = None
     width: Optional[int] = None
     step: Optional[int] = None  # the training step the loss was read at, for run directories
+    seed: Optional[int] = None  # train.seed of the run, for fits with seed offsets
 
     def x(self, kind: str) -> float:
         value = getattr(self, kind)
@@ -89,6 +91,7 @@ def _parse_row(path: str, line: int, row: dict, columns: set) -> LossPoint:
     params = number("params")
     params_m = number("params_m")
     width = number("width")
+    seed = number("seed")
     return LossPoint(
         name=row.get("name") or f"{path}:{line}",
         loss=loss,
@@ -96,4 +99,5 @@ def _parse_row(path: str, line: int, row: dict, columns: set) -> LossPoint:
         tokens=number("tokens"),
         flops=number("flops"),
         width=int(width) if width is not None else None,
+        seed=int(seed) if seed is not None else None,
     )

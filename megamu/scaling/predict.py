@@ -19,6 +19,8 @@ from megamu.scaling.fit import (
     split_holdout,
 )
 from megamu.scaling.points import LossPoint
+from megamu.scaling.seeds import point_seeds
+from megamu.scaling.seeds import seed_offsets as fit_seed_offsets
 from megamu.scaling.two_var import fit_two_var
 
 FORM = "a*x^b+c"
@@ -35,8 +37,14 @@ def predict(
     two_var: bool = False,
     target_tokens: Optional[float] = None,
     seed: int = 0,
+    seed_offsets: bool = False,
 ) -> tuple:
-    """Fit all but the `holdout` largest-x points; return (report dict, PowerLawFit)."""
+    """Fit all but the `holdout` largest-x points; return (report dict, PowerLawFit).
+
+    `seed_offsets`: the points are a ladder run once per seed at every size; fit the seed-averaged law
+    with a per-seed offset (megamu.scaling.seeds), predict each held-out run at curve + its seed's
+    offset, and score the mean of each held-out size's seeds ("holdout_mean").
+    """
     if not 0 < level < 1:
         raise FitError(f"--level must be between 0 and 1, got {level}")
     if target is not None and not (math.isfinite(target) and target > 0):
@@ -44,13 +52,23 @@ def predict(
     x = np.array([p.x(x_kind) for p in points], dtype=float)
     loss = np.array([p.loss for p in points], dtype=float)
     used = split_holdout(x, holdout)
-    fit = fit_power_law(x[used], loss[used])
+    offset = np.zeros(len(points))
+    offsets: dict = {}
+    if seed_offsets:
+        seeds = point_seeds(points)
+        offsets = fit_seed_offsets([s for s, u in zip(seeds, used) if u], x[used], loss[used])
+        unknown = sorted({s for s in seeds if s not in offsets})
+        if unknown:
+            raise FitError(f"held-out runs of seed(s) {unknown} have no fitted runs to estimate their offset from")
+        offset = np.array([offsets[s] for s in seeds])
+    fit = fit_power_law(x[used], (loss - offset)[used], absorbed_dof=max(len(offsets) - 1, 0))
     # One interval computation for held-out points and target: a bootstrap is then run once.
     eval_x = np.append(x[~used], [] if target is None else [target])
     intervals = prediction_interval(fit, eval_x, level, bootstrap, seed) if len(eval_x) else None
     n_held = int((~used).sum())
-    held = evaluate_holdout(fit, x[~used], loss[~used], None if intervals is None else intervals[:n_held])
-    residuals = loss - fit.predict(x)
+    held_intervals = None if intervals is None else intervals[:n_held] + offset[~used, None]
+    held = evaluate_holdout(fit, x[~used], loss[~used], held_intervals, offset[~used])
+    residuals = loss - offset - fit.predict(x)
 
     report = {
         "form": FORM,
@@ -62,7 +80,8 @@ def predict(
         "residual_std": fit.sigma if fit.dof > 0 else None,
         "dof": fit.dof,
         "points": [
-            {"name": p.name, "x": float(xi), "loss": p.loss, "used": bool(u), "residual": float(r) if u else None}
+            {"name": p.name, "x": float(xi), "loss": p.loss, "used": bool(u), "residual": float(r) if u else None,
+             **({"seed": p.seed} if seed_offsets else {})}
             for p, xi, u, r in zip(points, x, used, residuals)
         ],
         "holdout": [
@@ -81,12 +100,31 @@ def predict(
             "interval": None if intervals is None else [float(intervals[-1, 0]), float(intervals[-1, 1])],
         },
     }
+    if seed_offsets:
+        report["seed_offsets"] = {str(s): d for s, d in offsets.items()}
+        report["holdout_mean"] = _holdout_means(fit, x[~used], loss[~used], level)
     if two_var:
         report["two_var"] = _two_var_report(
             [p for p, u in zip(points, used) if u], [p for p, u in zip(points, used) if not u],
             target, target_tokens, level,
         )
     return report, fit
+
+
+def _holdout_means(fit, x: np.ndarray, actual: np.ndarray, level: float) -> list:
+    """Per held-out size: the mean loss of its seeds against the seed-averaged curve, with the delta-method
+    interval for the mean of that many runs."""
+    rows = []
+    for size in np.unique(x):
+        runs = actual[x == size]
+        predicted = float(fit.predict(size))
+        interval = fit.interval(size, level, runs=len(runs))
+        mean = float(runs.mean())
+        rows.append({"x": float(size), "runs": len(runs), "actual": mean, "predicted": predicted,
+                     "rel_error": (predicted - mean) / mean,
+                     "interval": None if interval is None else [max(float(interval[0, 0]), 0.0),
+                                                                float(interval[0, 1])]})
+    return rows
 
 
 def _two_var_report(
@@ -156,6 +194,15 @@ def format_report(report: dict) -> str:
                                                    else "  OUTSIDE")
             lines.append(f"  {h['x']:>12.4g} {h['actual']:>9.4f} {h['predicted']:>9.4f} "
                          f"{h['rel_error'] * 100:>7.2f}%  {_interval(h['interval'])}{inside}")
+    if report.get("seed_offsets"):
+        lines += ["", "Seed offsets (loss above the seed-averaged law): "
+                  + ", ".join(f"seed {s} {d:+.4f}" for s, d in report["seed_offsets"].items())]
+        for h in report["holdout_mean"]:
+            inside = "" if not h["interval"] else ("  inside" if h["interval"][0] <= h["actual"] <= h["interval"][1]
+                                                   else "  OUTSIDE")
+            lines.append(f"  mean of {h['runs']} seeds at {report['x']} = {h['x']:.4g}: actual {h['actual']:.4f}, "
+                         f"predicted {h['predicted']:.4f} ({h['rel_error'] * 100:+.2f}%), {pct} "
+                         f"{_interval(h['interval'])}{inside}")
     if report["prediction"]:
         pred = report["prediction"]
         lines += ["", f"Prediction at {report['x']} = {pred['x']:.4g}: loss {pred['loss']:.5g}, "

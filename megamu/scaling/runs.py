@@ -18,6 +18,8 @@ import math
 import os
 from typing import Optional
 
+import yaml
+
 from megamu.scaling.fit import FitError
 from megamu.scaling.points import LossPoint
 from megamu.training.metrics import METRICS_FILE
@@ -94,4 +96,16 @@ def read_run_point(
         flops=float(last["flops"]) if "flops" in last else None,
         width=meta.get("hidden_size"),
         step=int(last["step"]),
+        seed=run_seed(run_dir),
     )
+
+
+def run_seed(run_dir: str) -> Optional[int]:
+    """train.seed from the run's resolved config.yaml; None when the run directory has none."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    seed = (config.get("train") or {}).get("seed")
+    return int(seed) if seed is not None else None
