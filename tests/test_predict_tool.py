@@ -216,8 +216,11 @@ def test_tool_seed_offsets_from_a_csv_seed_column(tmp_path, capsys):
     rows = "".join(f"{n},{final_loss_law(n) + d},{s}\n" for n in params for s, d in offsets.items())
     csv = write_csv(tmp_path / "seeds.csv", "params,loss,seed\n" + rows)
     out = tmp_path / "seeds.json"
-    assert predict_loss.main(["--points", csv, "--holdout", "1", "--seed-offsets", "--json", str(out)]) == 0
+    plot = tmp_path / "seeds.png"
+    assert predict_loss.main(["--points", csv, "--holdout", "1", "--seed-offsets", "--json", str(out),
+                              "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
+    assert plot.stat().st_size > 10_000
     assert report["seed_offsets"] == pytest.approx({"7": 0.12, "8": -0.12}, abs=1e-6)
     assert abs(report["holdout_mean"][0]["rel_error"]) < 1e-6
     assert "mean of 2 seeds" in capsys.readouterr().out

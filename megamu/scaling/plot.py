@@ -20,10 +20,19 @@ def plot_prediction(report: dict, fit: PowerLawFit, path: str) -> None:
     ax.plot(curve_x, fit.predict(curve_x), color="tab:blue",
             label=f"fit  {fit.a:.3g}·x^{fit.b:.3f} + {fit.c:.3f}")
     used = [p for p in points if p["used"]]
-    ax.scatter([p["x"] for p in used], [p["loss"] for p in used], color="tab:blue", zorder=3, label="fitted")
-    for i, h in enumerate(report["holdout"]):
+    seeded = "holdout_mean" in report  # seed offsets: the curve is the seed-averaged law
+    ax.scatter([p["x"] for p in used], [p["loss"] for p in used], color="tab:blue", zorder=3,
+               alpha=0.35 if seeded else 1.0, label="fitted runs" if seeded else "fitted")
+    if seeded:
+        sizes = sorted({p["x"] for p in used})
+        means = [np.mean([p["loss"] for p in used if p["x"] == x]) for x in sizes]
+        ax.scatter(sizes, means, marker="s", color="tab:blue", zorder=4, label="seed mean (fitted)")
+        ax.scatter([h["x"] for h in report["holdout"]], [h["actual"] for h in report["holdout"]], marker="x",
+                   color="tab:red", alpha=0.35, zorder=5, label="held-out runs")
+    scored = report["holdout_mean"] if seeded else report["holdout"]
+    for i, h in enumerate(scored):
         ax.scatter(h["x"], h["actual"], marker="x", s=70, color="tab:red", zorder=5,
-                   label="held out (actual)" if i == 0 else None)
+                   label=("held out, seed mean (actual)" if seeded else "held out (actual)") if i == 0 else None)
         _error_bar(ax, h["x"], h["predicted"], h["interval"], "tab:orange", "held out (predicted)" if i == 0 else None)
     if report["prediction"]:
         pred = report["prediction"]
