@@ -102,7 +102,7 @@ def predict(
     }
     if seed_offsets:
         report["seed_offsets"] = {str(s): d for s, d in offsets.items()}
-        report["holdout_mean"] = _holdout_means(fit, x[~used], loss[~used], level)
+        report["holdout_mean"] = _holdout_means(fit, x[~used], loss[~used], offset[~used], level)
     if two_var:
         report["two_var"] = _two_var_report(
             [p for p, u in zip(points, used) if u], [p for p, u in zip(points, used) if not u],
@@ -111,14 +111,16 @@ def predict(
     return report, fit
 
 
-def _holdout_means(fit, x: np.ndarray, actual: np.ndarray, level: float) -> list:
-    """Per held-out size: the mean loss of its seeds against the seed-averaged curve, with the delta-method
-    interval for the mean of that many runs."""
+def _holdout_means(fit, x: np.ndarray, actual: np.ndarray, offset: np.ndarray, level: float) -> list:
+    """Per held-out size: the mean loss of its seeds against the seed-averaged curve (plus the mean offset of
+    the seeds present: 0 when all are), with the delta-method interval for the mean of that many runs."""
     rows = []
     for size in np.unique(x):
         runs = actual[x == size]
-        predicted = float(fit.predict(size))
+        shift = float(offset[x == size].mean())
+        predicted = float(fit.predict(size)) + shift
         interval = fit.interval(size, level, runs=len(runs))
+        interval = None if interval is None else interval + shift
         mean = float(runs.mean())
         rows.append({"x": float(size), "runs": len(runs), "actual": mean, "predicted": predicted,
                      "rel_error": (predicted - mean) / mean,
