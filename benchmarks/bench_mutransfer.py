@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Optional
@@ -25,7 +24,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megamu.demo import prepare_sample_data  # noqa: E402
-from megamu.scaling.launch import MetricRule, RunResult, previous_result  # noqa: E402
+from megamu.scaling.launch import (  # noqa: E402
+    FINAL_STATUSES,
+    MetricRule,
+    RunResult,
+    adopt_finished_run,
+    previous_result,
+    read_status,
+)
 from megamu.scaling.sweep import SweepPlan, best_result, run_sweep  # noqa: E402
 from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value  # noqa: E402
 
@@ -49,13 +55,13 @@ def lr_values(log2s: list[float]) -> list[float]:
     return [2.0 ** v for v in log2s]
 
 
-def copy_shared_runs(src: str, dst: str, width: int) -> None:
-    """Seed the SP sweep with the μP runs at m = 1, where both are the same model."""
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src) if os.path.isdir(src) else []:
-        if name.startswith(f"w{width}__") and not os.path.exists(os.path.join(dst, name)):
-            shutil.copytree(os.path.join(src, name), os.path.join(dst, name),
-                            ignore=shutil.ignore_patterns("checkpoints"))
+def adopt_shared_runs(mup_dir: str, sp_plan: SweepPlan) -> None:
+    """Seed the SP sweep with the finished μP runs at m = 1, where both are the same model (same updates)."""
+    for spec in sp_plan.specs():
+        source = os.path.join(mup_dir, spec.name)
+        finished = (read_status(source) or {}).get("status") in FINAL_STATUSES
+        if spec.labels["width"] == BASE_WIDTH and finished and not os.path.exists(spec.run_dir):
+            adopt_finished_run(source, spec)
 
 
 def finished_results(plan: SweepPlan, rule: MetricRule) -> list[RunResult]:
@@ -130,8 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         mup, sp = finished_results(mup_plan, rule), finished_results(sp_plan, rule)
     else:
         mup, _ = run_sweep(mup_plan, rule, args.parallel)
-        if BASE_WIDTH in widths:
-            copy_shared_runs(mup_dir, sp_dir, BASE_WIDTH)
+        adopt_shared_runs(mup_dir, sp_plan)
         sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(FIGURES, exist_ok=True)

@@ -168,8 +168,8 @@ def _write_status(result: RunResult, spec: RunSpec) -> None:
 def adopt_finished_run(source_dir: str, spec: RunSpec) -> None:
     """Copy a finished run (checkpoints left behind) to `spec.run_dir` and record it as launched by `spec`.
 
-    Only for a run whose resolved config the caller has checked to be identical to the spec's (the
-    same model, data and schedule reached through other overrides): it then is this spec's run.
+    Only for a run the caller has checked to train exactly as the spec's would (an identical resolved
+    config reached through other overrides, or μP at m = 1 for SP): it then is this spec's run.
     """
     shutil.copytree(source_dir, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
     path = os.path.join(spec.run_dir, STATUS_FILE)
