@@ -292,7 +292,12 @@ def prediction_interval(
 ) -> Optional[np.ndarray]:
     """The interval the tool reports: residual bootstrap when `bootstrap` > 0, else delta method."""
     interval = bootstrap_interval(fit, x, level, bootstrap, seed) if bootstrap > 0 else fit.interval(x, level)
-    # A loss is never negative: a symmetric interval around a small loss is cut at 0.
+    return nonnegative(interval)
+
+
+def nonnegative(interval: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """An interval of losses cut at 0 (a loss is never negative; a symmetric interval around a small loss
+    would reach below it)."""
     return None if interval is None else np.maximum(interval, 0.0)
 
 

@@ -158,10 +158,11 @@ def _launch_settings(spec: RunSpec) -> dict:
     return {"config": spec.config, "overrides": list(spec.overrides)}
 
 
-def _write_status(result: RunResult, spec: RunSpec) -> None:
-    path = os.path.join(result.run_dir, STATUS_FILE)
+def _write_status(status: dict, spec: RunSpec) -> None:
+    """Record `status` as the result of launching `spec` in its run directory."""
+    path = os.path.join(spec.run_dir, STATUS_FILE)
     with open(path + ".tmp", "w") as handle:
-        json.dump({**result.to_dict(), "launch": _launch_settings(spec)}, handle, indent=1)
+        json.dump({**status, "run_dir": spec.run_dir, "launch": _launch_settings(spec)}, handle, indent=1)
     os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
 
 
@@ -172,13 +173,7 @@ def adopt_finished_run(source_dir: str, spec: RunSpec) -> None:
     config reached through other overrides, or μP at m = 1 for SP): it then is this spec's run.
     """
     shutil.copytree(source_dir, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
-    path = os.path.join(spec.run_dir, STATUS_FILE)
-    with open(path) as handle:
-        status = json.load(handle)
-    status["run_dir"] = spec.run_dir
-    with open(path + ".tmp", "w") as handle:
-        json.dump({**status, "launch": _launch_settings(spec)}, handle, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_status(read_status(spec.run_dir), spec)
 
 
 def previous_result(spec: RunSpec, rule: MetricRule) -> Optional[RunResult]:
@@ -263,7 +258,7 @@ def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel:
             running.remove(item)
             log.close()
             result = classify(spec, proc.returncode, rule)
-            _write_status(result, spec)
+            _write_status(result.to_dict(), spec)
             results[spec.name] = result
             if echo:
                 value = f" {rule.metric} loss {result.value:.4f}" if result.value is not None else ""

@@ -15,12 +15,12 @@ from megamu.scaling.fit import (
     FitError,
     evaluate_holdout,
     fit_power_law,
+    nonnegative,
     prediction_interval,
     split_holdout,
 )
 from megamu.scaling.points import LossPoint
-from megamu.scaling.seeds import point_seeds
-from megamu.scaling.seeds import seed_offsets as fit_seed_offsets
+from megamu.scaling.seeds import estimate_seed_offsets, point_seeds
 from megamu.scaling.two_var import fit_two_var
 
 FORM = "a*x^b+c"
@@ -56,7 +56,7 @@ def predict(
     offsets: dict = {}
     if seed_offsets:
         seeds = point_seeds(points)
-        offsets = fit_seed_offsets([s for s, u in zip(seeds, used) if u], x[used], loss[used])
+        offsets = estimate_seed_offsets([s for s, u in zip(seeds, used) if u], x[used], loss[used])
         unknown = sorted({s for s in seeds if s not in offsets})
         if unknown:
             raise FitError(f"held-out runs of seed(s) {unknown} have no fitted runs to estimate their offset from")
@@ -66,7 +66,7 @@ def predict(
     eval_x = np.append(x[~used], [] if target is None else [target])
     intervals = prediction_interval(fit, eval_x, level, bootstrap, seed) if len(eval_x) else None
     n_held = int((~used).sum())
-    held_intervals = None if intervals is None else intervals[:n_held] + offset[~used, None]
+    held_intervals = None if intervals is None else nonnegative(intervals[:n_held] + offset[~used, None])
     held = evaluate_holdout(fit, x[~used], loss[~used], held_intervals, offset[~used])
     residuals = loss - offset - fit.predict(x)
 
@@ -120,12 +120,11 @@ def _holdout_means(fit, x: np.ndarray, actual: np.ndarray, offset: np.ndarray, l
         shift = float(offset[x == size].mean())
         predicted = float(fit.predict(size)) + shift
         interval = fit.interval(size, level, runs=len(runs))
-        interval = None if interval is None else interval + shift
+        interval = None if interval is None else nonnegative(interval + shift)
         mean = float(runs.mean())
         rows.append({"x": float(size), "runs": len(runs), "actual": mean, "predicted": predicted,
                      "rel_error": (predicted - mean) / mean,
-                     "interval": None if interval is None else [max(float(interval[0, 0]), 0.0),
-                                                                float(interval[0, 1])]})
+                     "interval": None if interval is None else [float(interval[0, 0]), float(interval[0, 1])]})
     return rows
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from megamu.scaling.fit import FitError
 
 
-def seed_offsets(seeds: Sequence[int], x: np.ndarray, loss: np.ndarray) -> dict[int, float]:
+def estimate_seed_offsets(seeds: Sequence[int], x: np.ndarray, loss: np.ndarray) -> dict[int, float]:
     """δ_s per seed from the fitted points; they must hold every seed at every size."""
     distinct = sorted(set(seeds))
     if len(distinct) < 2:
