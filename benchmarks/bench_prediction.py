@@ -32,7 +32,8 @@ from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_
 
 from megamu.config import load_config  # noqa: E402
 from megamu.scaling.fit import FitError  # noqa: E402
-from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder, resolve_vocab  # noqa: E402
+from megamu.config import fill_vocab_size  # noqa: E402
+from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder  # noqa: E402
 from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all  # noqa: E402
 from megamu.scaling.plot import plot_prediction  # noqa: E402
 from megamu.scaling.predict import format_report  # noqa: E402
@@ -56,7 +57,9 @@ def proxy_lr(overrides: list[str], log2s: list[float], out: str, parallel: int) 
 
 def _resolved(config: str, overrides: list[str]) -> dict:
     """The run's full config, its directory and resume flag left out, the tokenizer named by its content."""
-    cfg = resolve_vocab(load_config(config, overrides)).to_dict()
+    cfg = load_config(config, overrides)
+    fill_vocab_size(cfg)
+    cfg = cfg.to_dict()
     cfg["train"].pop("out_dir")
     cfg["train"].pop("resume")
     with open(cfg["data"]["tokenizer_model"], "rb") as handle:

@@ -12,9 +12,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message names the key and the fix."""
+from megamu.errors import ConfigError
+from megamu.fileio import atomic_write
 
 
 @dataclass
@@ -247,7 +246,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 
 
 def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
 
 
@@ -281,8 +280,10 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(cfg.ffn_hidden_size % p.tensor == 0,
              f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
              f"set model.ffn_hidden_size to a multiple of it")
-    _require(m.n_layers % p.pipeline == 0 or p.pipeline == 1,
-             f"parallel.pipeline={p.pipeline} does not divide model.n_layers={m.n_layers}")
+    _require(p.pipeline == 1,
+             f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built yet (every pipeline rank would "
+             f"train a duplicate of the whole model); use parallel.pipeline=1 and scale with parallel.tensor "
+             f"and data parallelism")
     _require(not (p.sequence_parallel and m.seq_len % p.tensor),
              f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
     _require(t.schedule in ("cosine", "wsd", "constant"),
@@ -294,20 +295,11 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(t.max_steps > 0, "train.max_steps must be positive")
     _require(0 <= t.stop_at_step <= t.max_steps,
              f"train.stop_at_step={t.stop_at_step} must lie in [0, train.max_steps={t.max_steps}] (0 = no early stop)")
-    _require(0 <= t.warmup_steps <= t.max_steps,
-             f"train.warmup_steps={t.warmup_steps} must lie in [0, train.max_steps={t.max_steps}]")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must not be negative")
     _require(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must lie in [0, 1]")
     _require(t.lr > 0, "train.lr must be positive")
     if world_size is not None:
-        model_par = p.tensor * p.pipeline
-        _require(world_size % model_par == 0,
-                 f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = {model_par}; "
-                 f"launch a multiple of {model_par} processes")
-        dp = world_size // model_par
-        per_step = t.micro_batch_size * dp
-        _require(t.global_batch_size % per_step == 0,
-                 f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
-                 f"({t.micro_batch_size}) × data-parallel size ({dp}) = {per_step}; set it to a multiple of {per_step}")
+        accumulation_steps(cfg, data_parallel_size(cfg, world_size))
     _require(cfg.data.path is None or cfg.data.paths is None, "set only one of data.path and data.paths")
     if cfg.data.paths is not None:
         ps = cfg.data.paths
@@ -327,6 +319,62 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                      f"tools/train_tokenizer.py")
         if t.deepspeed_config is not None:
             _require(os.path.isfile(t.deepspeed_config), f"train.deepspeed_config: {t.deepspeed_config} not found")
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """world size / (TP × PP), or ConfigError when the model-parallel grid does not tile the world."""
+    model_par = cfg.parallel.tensor * cfg.parallel.pipeline
+    _require(world_size % model_par == 0,
+             f"world size {world_size} is not divisible by parallel.tensor × parallel.pipeline = {model_par}; "
+             f"launch a multiple of {model_par} processes")
+    return world_size // model_par
+
+
+def accumulation_steps(cfg: Config, dp_size: int) -> int:
+    """Micro batches per optimizer step on each data-parallel rank: the one global-batch divisibility rule."""
+    t = cfg.train
+    per_step = t.micro_batch_size * dp_size
+    _require(t.global_batch_size % per_step == 0,
+             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
+             f"({t.micro_batch_size}) × data-parallel size ({dp_size}) = {per_step}; set it to a multiple of "
+             f"{per_step}")
+    return t.global_batch_size // per_step
+
+
+def fill_vocab_size(cfg: Config) -> None:
+    """model.vocab_size from data.tokenizer_model when it is unset."""
+    if cfg.model.vocab_size is not None:
+        return
+    path = cfg.data.tokenizer_model
+    if path is None:
+        raise ConfigError("model.vocab_size is unset and data.tokenizer_model is unset: set one of them "
+                          "(the vocabulary size is read from the tokenizer)")
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer_model: {path} not found; train one with megamu-train-tokenizer")
+    from megamu.data.tokenizer import Tokenizer
+
+    cfg.model.vocab_size = Tokenizer(path).vocab_size
+
+
+def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = False,
+            check_files: bool = True) -> list[str]:
+    """Make `cfg` complete and check it, once, before anything is allocated; returns notes to print once.
+
+    Fills model.vocab_size from the tokenizer, shortens a warm-up longer than the run to the run (a smoke
+    run with train.max_steps=10 just works), validates every key and, given `world_size`, the parallel
+    layout and the global-batch rule. `need_data`: training needs data.path or data.paths.
+    """
+    notes = []
+    fill_vocab_size(cfg)
+    t = cfg.train
+    if t.max_steps > 0 and t.warmup_steps > t.max_steps:
+        notes.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}: "
+                     f"warming up over the whole run ({t.max_steps} steps)")
+        t.warmup_steps = t.max_steps
+    validate(cfg, world_size=world_size, check_files=check_files)
+    if need_data and not data_prefixes(cfg):
+        raise ConfigError("no training data: set data.path (one prefix) or data.paths ([w1, prefix1, ...])")
+    return notes
 
 
 def data_prefixes(cfg: Config) -> list:

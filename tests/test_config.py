@@ -9,7 +9,7 @@ import pytest
 from dist import run_train
 from megamu.config import Config, ConfigError, load_config
 from megamu.training.ds_config import build_ds_config
-from megamu.training.loop import prepare_config
+from megamu.config import resolve
 
 
 @pytest.fixture
@@ -21,13 +21,13 @@ def cfg(tiny_tokenizer, tiny_dataset_prefix) -> Config:
 
 def error_of(cfg: Config, world_size: int = 1) -> str:
     with pytest.raises(ConfigError) as info:
-        prepare_config(cfg, world_size)
+        resolve(cfg, world_size, need_data=True)
         build_ds_config(cfg, world_size)
     return str(info.value)
 
 
 def test_valid_config_passes_and_fills_vocab_from_tokenizer(cfg):
-    prepare_config(cfg, world_size=2)
+    resolve(cfg, world_size=2, need_data=True)
     assert cfg.model.vocab_size == 512
 
 
@@ -72,7 +72,7 @@ def test_ds_json_disagreeing_with_megamu_names_both(cfg, tmp_path):
 
 def test_ds_json_batch_fields_are_derived(cfg):
     cfg.train.deepspeed_config = "ds_configs/zero2.json"
-    prepare_config(cfg, world_size=2)
+    resolve(cfg, world_size=2, need_data=True)
     ds = build_ds_config(cfg, dp_size=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 2, 8)
     assert ds["gradient_clipping"] == cfg.train.grad_clip and ds["zero_optimization"]["stage"] == 2
@@ -81,7 +81,7 @@ def test_ds_json_batch_fields_are_derived(cfg):
 
 def test_default_zero_stage_is_0_at_one_rank_and_1_otherwise_or_for_muon(cfg):
     cfg.train.deepspeed_config = None
-    prepare_config(cfg, world_size=2)
+    resolve(cfg, world_size=2, need_data=True)
     assert build_ds_config(cfg, dp_size=1)["zero_optimization"]["stage"] == 0
     assert build_ds_config(cfg, dp_size=2)["zero_optimization"]["stage"] == 1
     cfg.train.optimizer = "muon"
@@ -117,3 +117,17 @@ def test_entry_point_accepts_the_launchers_local_rank_and_overrides_anywhere():
                        "ds_configs/zero2.json", "train.max_steps=5"])
     assert (args.config, args.deepspeed_config) == ("c.yaml", "ds_configs/zero2.json")
     assert args.overrides == ["train.lr=0.1", "train.max_steps=5"]
+
+
+def test_pipeline_parallelism_is_refused_until_it_is_built(cfg):
+    cfg.parallel.pipeline = 2
+    cfg.model.n_layers = 4
+    assert "pipeline parallelism is not built yet" in error_of(cfg, world_size=2)
+
+
+def test_a_warmup_longer_than_the_run_warms_up_over_the_run_and_says_so(cfg):
+    cfg.train.max_steps, cfg.train.warmup_steps = 10, 50
+    notes = resolve(cfg, world_size=1, need_data=True)
+    assert cfg.train.warmup_steps == 10
+    assert len(notes) == 1 and "train.warmup_steps=50 is longer than train.max_steps=10" in notes[0]
+    assert resolve(cfg, world_size=1, need_data=True) == []  # resolved once: nothing left to say

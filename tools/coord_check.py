@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megamu.config import ConfigError, load_config  # noqa: E402
+from megamu.config import ConfigError, load_config, resolve  # noqa: E402
 from megamu.scaling import coord_check  # noqa: E402
 
 
@@ -41,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = load_config(args.config, args.overrides)
-        coord_check.fill_vocab_size(cfg)
-        cfg.validate(check_files=False)
+        resolve(cfg, check_files=False)
         batch_size = args.batch_size or cfg.train.micro_batch_size
         batches = coord_check.token_batches(cfg, args.steps + 1, batch_size, args.data or cfg.data.path)
         result = coord_check.run_coord_check(cfg, widths, args.steps, batches, mup_enabled=not args.sp,

@@ -21,18 +21,6 @@ from megamu.model.layers import Block, EmbeddingLayer
 from megamu.parallel.layers import ParallelReadout
 
 
-def fill_vocab_size(cfg: Config) -> None:
-    """Set model.vocab_size from data.tokenizer_model when it is unset."""
-    if cfg.model.vocab_size is not None:
-        return
-    if cfg.data.tokenizer_model is None:
-        raise ConfigError("model.vocab_size is unset and there is no data.tokenizer_model to read it from; "
-                          "set one of them (e.g. model.vocab_size=256 for random tokens)")
-    from megamu.data.tokenizer import Tokenizer
-
-    cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
-
-
 def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Optional[str] = None,
                   seed: int = 0) -> list[torch.Tensor]:
     """`n_batches` LongTensors [batch_size, seq_len + 1]: consecutive windows of the tokenized documents at

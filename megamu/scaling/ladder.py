@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from megamu.config import Config, ConfigError, load_config
+from megamu.config import Config, ConfigError, fill_vocab_size, load_config, resolve
 from megamu.model import mup, param_counts
 from megamu.scaling.fit import FitError
 from megamu.scaling.launch import MetricRule, RunResult, RunSpec
@@ -47,19 +47,6 @@ class TokenBudget:
         return max(1, math.ceil(self.tokens_per_param * params / tokens_per_step))
 
 
-def resolve_vocab(cfg: Config) -> Config:
-    """Fill model.vocab_size from the tokenizer, as the trainer does, so params can be counted."""
-    if cfg.model.vocab_size is None:
-        path = cfg.data.tokenizer_model
-        if path is None or not os.path.isfile(path):
-            raise ConfigError(f"model.vocab_size is unset and data.tokenizer_model ({path}) is not a file: set one, "
-                              f"so parameter counts can be computed")
-        from megamu.data.tokenizer import Tokenizer
-
-        cfg.model.vocab_size = Tokenizer(path).vocab_size
-    return cfg
-
-
 def width_overrides(cfg: Config, width: int) -> list[str]:
     """Overrides that turn the base config into the same model at `width` (fixed head dim)."""
     m = cfg.model
@@ -87,7 +74,8 @@ def width_overrides(cfg: Config, width: int) -> list[str]:
 
 def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> tuple[Config, list[str]]:
     """The config at `width` and the width overrides that made it (taken from the proxy, not the rung)."""
-    base = resolve_vocab(load_config(config, list(overrides)))
+    base = load_config(config, list(overrides))
+    fill_vocab_size(base)
     scaled = width_overrides(base, width)
     cfg = load_config(config, [*overrides, *scaled])
     cfg.model.vocab_size = base.model.vocab_size
@@ -140,11 +128,8 @@ def plan_ladder(
         cfg, scaled = _config_at(config, overrides, width)
         params = param_counts(cfg)["total"]
         steps = budget.steps_for(cfg, params)
-        if cfg.train.warmup_steps > steps:
-            raise ConfigError(f"width {width}: the token budget gives {steps} steps, fewer than train.warmup_steps="
-                              f"{cfg.train.warmup_steps}; lower the warm-up or raise the budget")
         run_overrides = [*overrides, *scaled, f"train.max_steps={steps}"]
-        load_config(config, run_overrides).validate(world_size=None)  # bad keys or files: fail before launching
+        resolve(load_config(config, run_overrides))  # bad keys or files: fail before launching
         tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
         labels = {"width": width, "params": params, "steps": steps, "tokens": tokens}
         for seed in seeds or [None]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from megamu.config import Config, ConfigError
+from megamu.config import Config, ConfigError, accumulation_steps
 
 
 def default_zero_stage(cfg: Config, dp_size: int) -> int:
@@ -73,12 +73,8 @@ def build_ds_config(cfg: Config, dp_size: int) -> dict[str, Any]:
         if owned in ds:
             raise ConfigError(f"{path}: remove the '{owned}' section; megamu sets it from {by}")
     t = cfg.train
-    per_step = t.micro_batch_size * dp_size
-    if t.global_batch_size % per_step:
-        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) × data-parallel size ({dp_size}) = {per_step}")
     _put(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", path)
-    _put(ds, "gradient_accumulation_steps", t.global_batch_size // per_step,
+    _put(ds, "gradient_accumulation_steps", accumulation_steps(cfg, dp_size),
          "train.global_batch_size / (train.micro_batch_size × data-parallel size)", path)
     _put(ds, "train_batch_size", t.global_batch_size, "train.global_batch_size", path)
     _put(ds, "gradient_clipping", float(t.grad_clip), "train.grad_clip", path)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamu.config import Config, ConfigError, data_prefixes, save_config
+from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
 from megamu.training import checkpoint
 from megamu.training.ds_config import build_ds_config, resolve_dtype, zero_stage
 from megamu.training.engine import build_engine
@@ -24,23 +24,6 @@ from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
 from megamu.training.metrics import RunLogger, bits_per_byte, mfu, plot_loss_curve
 from megamu.training.schedule import base_lr
 from megamu.training.step import group_mean, train_step
-
-
-def prepare_config(cfg: Config, world_size: int) -> Config:
-    """Fill model.vocab_size from the tokenizer and validate everything, before any allocation."""
-    if cfg.model.vocab_size is None:
-        if cfg.data.tokenizer_model is None:
-            raise ConfigError("model.vocab_size is unset and data.tokenizer_model is unset: set one of them "
-                              "(the vocabulary size is read from the tokenizer)")
-        if not os.path.isfile(cfg.data.tokenizer_model):
-            raise ConfigError(f"data.tokenizer_model: {cfg.data.tokenizer_model} not found; train one with "
-                              f"tools/train_tokenizer.py")
-        from megamu.data.tokenizer import Tokenizer
-        cfg.model.vocab_size = Tokenizer(cfg.data.tokenizer_model).vocab_size
-    cfg.validate(world_size)
-    if not data_prefixes(cfg):
-        raise ConfigError("no training data: set data.path (one prefix) or data.paths ([w1, prefix1, ...])")
-    return cfg
 
 
 def _seed_everything(seed: int) -> None:
@@ -79,8 +62,9 @@ class Trainer:
         from megamu.parallel.random import seed_tensor_parallel_rng
 
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.cfg = prepare_config(cfg, world_size)
-        dp_size = world_size // (cfg.parallel.tensor * cfg.parallel.pipeline)
+        self.notes = resolve(cfg, world_size, need_data=True)
+        self.cfg = cfg
+        dp_size = data_parallel_size(cfg, world_size)
         self.ds_config = build_ds_config(cfg, dp_size)  # refuses bad combinations before any allocation
         t = cfg.train
         self.state = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cfg.parallel.timeout_minutes)
@@ -174,6 +158,8 @@ class Trainer:
         batches = iter(loader)
         last_step = t.stop_at_step or t.max_steps
         logger = RunLogger(cfg, self.meta, self.is_writer, start_step)
+        for note in self.notes:
+            logger.message(note)
         if start_step:
             logger.message(f"resumed from {checkpoint.tag_for(start_step)} in {self.ckpt_dir}")
         guard = BadStepCounter(t.max_bad_steps)
