@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from megamu.data.indexed import (IndexedDataset, IndexedDatasetWriter, best_dtype, merge_datasets)
+from megamu.errors import DataError
 
 SPEC_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
@@ -191,6 +192,6 @@ def test_corrupt_files_fail_at_open_naming_the_file(tmp_path, case):
     write(prefix, [[1, 2], [3, 4, 5], [6]], np.uint16)
     damage, message = CORRUPTIONS[case]
     damage(prefix)
-    with pytest.raises((ValueError, FileNotFoundError), match=message) as info:
+    with pytest.raises((DataError, FileNotFoundError), match=message) as info:
         IndexedDataset(prefix)
     assert prefix in str(info.value)

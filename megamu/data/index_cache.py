@@ -2,8 +2,7 @@
 
 Files are keyed by a hash of everything that determines their contents, so a change of seed,
 sequence length, sample count, split or data gives new files instead of stale ones. Each file
-is written to a temporary name and renamed into place, so a crash never leaves a
-complete-looking but truncated index.
+is written with `atomic_write`, so a crash never leaves a complete-looking but truncated index.
 """
 from __future__ import annotations
 
@@ -11,10 +10,12 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from megamu.errors import DataError
+from megamu.fileio import atomic_write
 
 # Bump when the layout or meaning of cached arrays changes, so old caches are not reused.
 CACHE_FORMAT_VERSION = 1
@@ -29,27 +30,6 @@ def cache_key(fields: dict[str, Any]) -> str:
 def default_cache_dir(prefix: str) -> str:
     """`index-cache/` beside the data prefix."""
     return os.path.join(os.path.dirname(os.path.abspath(prefix)), "index-cache")
-
-
-def _save_atomic(path: str, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _distributed_rank() -> Optional[int]:
@@ -89,9 +69,10 @@ def load_or_build(cache_dir: str, stem: str, names: tuple[str, ...],
             os.makedirs(cache_dir, exist_ok=True)
             arrays = build()
             for name, path in paths.items():
-                _save_atomic(path, arrays[name])
-            _write_text_atomic(os.path.join(cache_dir, f"{stem}_description.json"),
-                               json.dumps(description, indent=2, sort_keys=True))
+                with atomic_write(path, "wb") as f:
+                    np.save(f, arrays[name])
+            with atomic_write(os.path.join(cache_dir, f"{stem}_description.json")) as f:
+                f.write(json.dumps(description, indent=2, sort_keys=True))
         except Exception as e:  # still reach the barrier so the other ranks do not hang
             build_error = e
         if rank is not None:
@@ -102,8 +83,8 @@ def load_or_build(cache_dir: str, stem: str, names: tuple[str, ...],
         _barrier()
     missing = [p for p in paths.values() if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"sample index cache file {missing[0]} is missing after rank 0 built it: rank 0 "
-                                f"failed (see its error), or data.cache_dir is not on a filesystem shared by all "
-                                f"ranks; set data.cache_dir to a shared directory")
+        raise DataError(f"sample index cache file {missing[0]} is missing after rank 0 built it: rank 0 failed "
+                        f"(see its error), or data.cache_dir is not on a filesystem shared by all ranks; set "
+                        f"data.cache_dir to a shared directory")
     # Plain ndarray views of the maps: np.memmap's Python-level indexing costs more than the read.
     return {name: np.load(path, mmap_mode="r").view(np.ndarray) for name, path in paths.items()}

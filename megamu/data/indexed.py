@@ -29,6 +29,9 @@ from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
 
+from megamu.errors import DataError
+from megamu.fileio import atomic_replace
+
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, doc-index length
@@ -160,8 +163,8 @@ class IndexedDatasetWriter:
         other = IndexedDataset(other_prefix)
         try:
             if other.dtype != self.dtype:
-                raise ValueError(f"cannot merge {other_prefix} ({other.dtype}) into {self.prefix} ({self.dtype}); "
-                                 f"all merged datasets must share one token dtype")
+                raise DataError(f"cannot merge {other_prefix} ({other.dtype}) into {self.prefix} ({self.dtype}); "
+                                f"all merged datasets must share one token dtype")
             if len(self._doc_idx) and self._doc_idx[-1] != len(self._sizes):
                 raise ValueError(f"{self.prefix}: end the open document before merging {other_prefix}")
             offset = len(self._sizes)
@@ -179,21 +182,17 @@ class IndexedDatasetWriter:
         if self._doc_idx[-1] != len(self._sizes):
             raise ValueError(f"{self.prefix}: {len(self._sizes) - self._doc_idx[-1]} sequence(s) were added "
                              f"after the last end_document(); close the document before finalize()")
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
         self._bin.close()
         self._tmp_idx = self._tmp_bin[: -len(".bin.tmp")] + ".idx.tmp"
         with open(self._tmp_idx, "wb") as idx:
             _write_index(idx, self._code, self.dtype.itemsize, self._sizes, self._doc_idx)
-            idx.flush()
-            os.fsync(idx.fileno())
         # Drop a stale index first: a crash between the renames then leaves a .bin without an
         # .idx (a clear "missing file" error) rather than an old index over new tokens.
         final_bin, final_idx = data_file_path(self.prefix), index_file_path(self.prefix)
         if os.path.exists(final_idx):
             os.remove(final_idx)
-        os.replace(self._tmp_bin, final_bin)
-        os.replace(self._tmp_idx, final_idx)
+        atomic_replace(self._tmp_bin, final_bin)  # each is on disk before it takes its final name
+        atomic_replace(self._tmp_idx, final_idx)
         self._closed = True
 
     def abort(self) -> None:
@@ -244,7 +243,7 @@ class IndexedDataset:
     """Read-only memmap view of PREFIX.bin/.idx, validated at open.
 
     `ds[i]` is sequence i as a zero-copy numpy view into the .bin. A truncated or corrupt pair
-    raises ValueError naming the file when opened, never garbage later.
+    raises DataError naming the file when opened, never garbage later.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -256,7 +255,7 @@ class IndexedDataset:
         for path in (idx_path, bin_path):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{path} not found; expected the .bin/.idx pair written by "
-                                        f"tools/preprocess_data.py (prefix {self.prefix})")
+                                        f"megamu-preprocess (prefix {self.prefix})")
         self._idx_map = _map_file(idx_path)
         self._bin_map = _map_file(bin_path)
         try:
@@ -268,20 +267,20 @@ class IndexedDataset:
     def _parse_index(self, idx_path: str, bin_path: str) -> None:
         buf = self._idx_map if self._idx_map is not None else b""
         if len(buf) < _HEADER.size:
-            raise ValueError(f"{idx_path}: {len(buf)} bytes, shorter than the {_HEADER.size}-byte MMIDIDX header "
-                             f"(truncated?); re-run tools/preprocess_data.py")
+            raise DataError(f"{idx_path}: {len(buf)} bytes, shorter than the {_HEADER.size}-byte MMIDIDX header "
+                            f"(truncated?); re-run megamu-preprocess")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC:
-            raise ValueError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an MMIDIDX index file")
+            raise DataError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an MMIDIDX index file")
         if version != VERSION:
-            raise ValueError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
+            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
         if code not in DTYPE_CODES:
-            raise ValueError(f"{idx_path}: unknown dtype code {code}; valid codes are {sorted(DTYPE_CODES)}")
+            raise DataError(f"{idx_path}: unknown dtype code {code}; valid codes are {sorted(DTYPE_CODES)}")
         self.dtype = DTYPE_CODES[code]
         expected = _HEADER.size + 12 * n_seq + 8 * n_doc_idx
         if len(buf) != expected:
-            raise ValueError(f"{idx_path}: {len(buf)} bytes, but its header ({n_seq} sequences, {n_doc_idx} "
-                             f"document-index entries) implies {expected}; the file is truncated or corrupt")
+            raise DataError(f"{idx_path}: {len(buf)} bytes, but its header ({n_seq} sequences, {n_doc_idx} "
+                            f"document-index entries) implies {expected}; the file is truncated or corrupt")
         offset = _HEADER.size
         self.sizes = np.frombuffer(buf, dtype="<i4", count=n_seq, offset=offset)
         offset += 4 * n_seq
@@ -298,27 +297,27 @@ class IndexedDataset:
         itemsize = self.dtype.itemsize
         if n_seq:
             if self.sizes.min() < 0:
-                raise ValueError(f"{idx_path}: negative sequence length at {int(np.argmin(self.sizes))}; corrupt index")
+                raise DataError(f"{idx_path}: negative sequence length at {int(np.argmin(self.sizes))}; corrupt index")
             expected = np.zeros(n_seq, dtype=np.int64)
             np.cumsum(self.sizes[:-1], dtype=np.int64, out=expected[1:])
             expected *= itemsize
             bad = np.flatnonzero(expected != self.pointers)
             if bad.size:
                 i = int(bad[0])
-                raise ValueError(f"{idx_path}: sequence {i} points at byte {int(self.pointers[i])}, but the lengths "
-                                 f"before it put it at {int(expected[i])}; corrupt index")
+                raise DataError(f"{idx_path}: sequence {i} points at byte {int(self.pointers[i])}, but the lengths "
+                                f"before it put it at {int(expected[i])}; corrupt index")
         data_bytes = int(self.sizes.sum(dtype=np.int64)) * itemsize
         if data_bytes != bin_size:
-            raise ValueError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {data_bytes} "
-                             f"({self.sizes.size} sequences of {self.dtype}); the pair is truncated or mismatched")
+            raise DataError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {data_bytes} "
+                            f"({self.sizes.size} sequences of {self.dtype}); the pair is truncated or mismatched")
         d = self.doc_idx
         if d.size == 0 or d[0] != 0 or d[-1] != n_seq:
             first = int(d[0]) if d.size else None
             last = int(d[-1]) if d.size else None
-            raise ValueError(f"{idx_path}: document index must start at 0 and end at the sequence count {n_seq}, "
-                             f"got first={first}, last={last}; corrupt index")
+            raise DataError(f"{idx_path}: document index must start at 0 and end at the sequence count {n_seq}, "
+                            f"got first={first}, last={last}; corrupt index")
         if d.size > 1 and np.any(np.diff(d) < 0):
-            raise ValueError(f"{idx_path}: document index is not monotone; corrupt index")
+            raise DataError(f"{idx_path}: document index is not monotone; corrupt index")
 
     # ---- access ---------------------------------------------------------------------------
     def __len__(self) -> int:

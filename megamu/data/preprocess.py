@@ -23,6 +23,7 @@ from tqdm import tqdm
 from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
 from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
+from megamu.fileio import atomic_write
 
 CHUNK_DOCUMENTS = 256
 CHUNK_BYTES = 256 << 10  # small enough to balance the workers to the end of the input
@@ -209,11 +210,9 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
 
 
 def _write_stats(data_prefix: str, stats: dict) -> None:
-    tmp = stats_path(data_prefix) + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(stats_path(data_prefix)) as f:
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, stats_path(data_prefix))
 
 
 def read_stats(data_prefix: str) -> Optional[dict]:

@@ -1,0 +1,12 @@
+"""Checkpoints: DeepSpeed save/load behind megamu's complete-checkpoint pointer (store.py, pointer.py),
+per-rank RNG state (rng.py), DeepSpeed's file layout and shard discovery (files.py), and merging TP
+shards, or a run directory's checkpoint, into one state dict (merge.py)."""
+from megamu.checkpoint.files import load_model_shards, model_shard_paths
+from megamu.checkpoint.merge import merge_run_checkpoint, merge_tp_shards, run_config
+from megamu.checkpoint.pointer import POINTER, read_pointer, tag_for, write_pointer
+from megamu.checkpoint.rng import rng_state, set_rng_state
+from megamu.checkpoint.store import load_checkpoint, save_checkpoint
+
+__all__ = ["POINTER", "load_checkpoint", "load_model_shards", "merge_run_checkpoint", "merge_tp_shards",
+           "model_shard_paths", "read_pointer", "rng_state", "run_config", "save_checkpoint", "set_rng_state",
+           "tag_for", "write_pointer"]

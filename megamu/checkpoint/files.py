@@ -1,0 +1,50 @@
+"""DeepSpeed's file layout inside a checkpoint tag, and reading its model files.
+
+Without pipeline parallelism, ZeRO stages 0-2 save one model file per TP rank,
+`<checkpoint_dir>/<tag>/mp_rank_XX_model_states.pt`, whose "module" entry is that rank's state
+dict. ZeRO 3 keeps the parameters partitioned in `zero_pp_rank_*_mp_rank_*_model_states.pt` files.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import torch
+
+from megamu.errors import CheckpointError
+
+_MODEL_STATES = "mp_rank_*_model_states.pt"
+_MODEL_STATES_RANK = re.compile(r"mp_rank_(\d+)_model_states\.pt$")
+_ZERO3_MODEL_STATES = "zero_pp_rank_*_mp_rank_*_model_states.pt"
+
+
+def model_shard_paths(checkpoint_dir: str, tag: str) -> list[str]:
+    """DeepSpeed's per-TP-rank model files of checkpoint `tag`, in TP rank order."""
+    folder = os.path.join(checkpoint_dir, tag)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint {folder} does not exist; pick a tag that is in {checkpoint_dir}")
+    found = {int(m.group(1)): path for path in glob.glob(os.path.join(folder, _MODEL_STATES))
+             if (m := _MODEL_STATES_RANK.search(path))}
+    if not found and glob.glob(os.path.join(folder, _ZERO3_MODEL_STATES)):
+        raise CheckpointError(f"{folder} is a ZeRO stage 3 checkpoint: its parameters live partitioned in the "
+                              f"optimizer files, and merging those across TP ranks is not supported; train with "
+                              f"ZeRO 0-2 to merge")
+    if not found:
+        raise CheckpointError(f"{folder} holds no mp_rank_XX_model_states.pt files; is it a DeepSpeed checkpoint "
+                              f"(pipeline-parallel checkpoints keep per-layer files and are not supported)?")
+    if sorted(found) != list(range(len(found))):
+        raise CheckpointError(f"{folder}: TP shard files for ranks {sorted(found)} found; ranks "
+                              f"0..{max(found)} must all be present (copy the missing mp_rank_XX files)")
+    return [found[rank] for rank in range(len(found))]
+
+
+def load_model_shards(checkpoint_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
+    """Every TP rank's module state dict from checkpoint `tag` (on CPU)."""
+    shards = []
+    for path in model_shard_paths(checkpoint_dir, tag):
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if "module" not in saved:
+            raise CheckpointError(f"{path} has no 'module' entry; not a DeepSpeed model-states file")
+        shards.append(saved["module"])
+    return shards
