@@ -18,7 +18,6 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -28,9 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megamu.config import Config, load_config  # noqa: E402
+from megamu.config import Config, load_config
 
 SECTION = "## Tensor parallelism (issue 5)"
 SHAPES = {
@@ -138,7 +135,7 @@ def plain_copy(model: nn.Module) -> nn.Module:
             elif isinstance(child, TensorParallelInput):
                 setattr(parent, name, nn.Identity())
             elif isinstance(child, ParallelReadout):
-                setattr(parent, name, PlainReadout(child.weight, child.logit_scale))
+                setattr(parent, name, PlainReadout(child.weight, child.logit_mult))
     return plain
 
 

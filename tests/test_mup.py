@@ -47,7 +47,7 @@ def test_a_parameter_without_a_role_is_refused():
     cfg = cfg_at(64)
     model = build_model(cfg)
     model.stray = nn.Linear(4, 4)  # created by a module that does not tag its parameters
-    with pytest.raises(ValueError, match="stray.weight.*mup_role"):
+    with pytest.raises(ValueError, match="stray.weight.*mup.assign_role"):
         mup.param_groups(model, cfg)
     with pytest.raises(ValueError, match="stray.weight"):
         mup.init_weights(model, cfg)
@@ -97,7 +97,7 @@ def test_forward_multipliers():
     cfg = cfg_at(256, "mup.output_mult=2.0", "mup.input_mult=3.0")
     assert mup.output_multiplier(cfg) == pytest.approx(2.0 / 4)
     assert mup.input_multiplier(cfg) == 3.0
-    assert build_model(cfg).layers[-1].logit_scale == pytest.approx(0.5)
+    assert build_model(cfg).layers[-1].logit_mult == pytest.approx(0.5)
     # Default α_attn makes μP's α/d_head equal SP's 1/sqrt(d_head) at the base width, and 1/d_head-like beyond.
     assert mup.attention_scale(cfg_at(64)) == pytest.approx(1 / math.sqrt(16))
     assert mup.attention_scale(cfg_at(256)) == pytest.approx(math.sqrt(16) / 64)

@@ -70,7 +70,7 @@ def _check_column(sp: bool, gather_output: bool) -> None:
     assert_close(local_x.grad, _seq_shard(dense_x.grad, group) if sp else dense_x.grad, **TIGHT)
     assert_close(layer.weight.grad, layer.local_shard(dense_w.grad, layer.weight), **TIGHT)
     assert_close(layer.bias.grad, layer.local_shard(dense_b.grad, layer.bias), **TIGHT)
-    assert layer.weight.tensor_model_parallel and not layer.weight.sequence_parallel
+    assert layer.weight.tensor_model_parallel and not layer.weight.needs_tp_grad_allreduce
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -102,7 +102,7 @@ def _check_row(sp: bool, input_is_parallel: bool) -> None:
     assert_close(local_x.grad, _last_shard(dense_x.grad, group) if input_is_parallel else dense_x.grad, **TIGHT)
     assert_close(layer.weight.grad, layer.local_shard(dense_w.grad, layer.weight), **TIGHT)
     assert_close(layer.bias.grad, dense_b.grad, **TIGHT)
-    assert layer.bias.sequence_parallel == sp and not layer.bias.tensor_model_parallel
+    assert layer.bias.needs_tp_grad_allreduce == sp and not layer.bias.tensor_model_parallel
 
 
 @pytest.mark.parametrize("world", WORLDS)
@@ -166,10 +166,10 @@ def _check_readout_loss(sp: bool) -> None:
     weight, x = _randn(seed, VOCAB, IN), _randn(seed + 1, BATCH, SEQ, IN)
     labels = torch.randint(0, true_vocab, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed + 2))
     labels[1, -2:] = -100
-    layer = ParallelReadout(IN, VOCAB, logit_scale=scale, group=group, sequence_parallel=sp)
+    layer = ParallelReadout(IN, VOCAB, group=group, sequence_parallel=sp)
     _load(layer, weight=weight)
     local_x = (_seq_shard(x, group) if sp else x).clone().requires_grad_()
-    logits = layer(local_x)
+    logits = layer(local_x) * scale  # a multiplier on the logits (μP's α_out/m) reaches the loss's gradients
     loss = layer.loss(logits, labels, true_vocab)
 
     dense_w, dense_x = _dense_leaf(weight), _dense_leaf(x)

@@ -1,12 +1,12 @@
 """Transformer building blocks: norms, rotary embedding, attention, MLPs, the block, the embedding layer.
 
-Every parameter is tagged with its μP role by the module that creates it (`param.mup_role`); the linear
-layers come from `megamu.parallel.layers`, and this file only picks their column/row roles and passes the
-tensor-parallel (TP) group. Under TP each rank holds n_heads/tp query heads, n_kv_heads/tp kv heads and
+The linear layers come from `megamu.parallel.layers`; this file picks their column/row roles, passes the
+tensor-parallel (TP) group, and gives every parameter its μP role (`mup.assign_role`) once the layers
+exist, since only the model knows what a weight is for. Under TP each rank holds n_heads/tp query heads, n_kv_heads/tp kv heads and
 ffn/tp MLP columns; under sequence parallelism (SP) the residual stream, norms and dropout between the
 TP regions hold seq_len/tp positions.
-All multipliers (attention scale, embedding multiplier) are passed in: their values come from
-`megamu.model.mup`, the one place that knows μP.
+All multipliers (attention scale, embedding and logit multipliers) are passed in: their values come from
+`megamu.model.mup`, the one place that knows μP's rules.
 """
 from __future__ import annotations
 
@@ -18,14 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, RowParallelLinear,
-                                    TensorParallelInput, VocabParallelEmbedding, tag_parameter)
+from megamu.model.mup import Role, assign_linear_roles, assign_role
+from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, ParallelReadout,
+                                    RowParallelLinear, TensorParallelInput, VocabParallelEmbedding, tag_parameter)
 from megamu.parallel.random import get_rng_tracker
 
 
-def _norm_param(shape: int, role: str, partial_grad: bool) -> nn.Parameter:
+def _norm_param(shape: int, role: Role, partial_grad: bool) -> nn.Parameter:
     # Replicated over TP; `partial_grad`: each rank sees only a sequence shard (SP) or its own heads.
-    return tag_parameter(nn.Parameter(torch.empty(shape)), role, None, tp_size=1, partial_grad=partial_grad)
+    param = tag_parameter(nn.Parameter(torch.empty(shape)), None, tp_size=1, partial_grad=partial_grad)
+    assign_role(param, role)
+    return param
 
 
 def _rank_local_rng(active: bool) -> contextlib.AbstractContextManager:
@@ -51,7 +54,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, partial_grad: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _norm_param(dim, "norm", partial_grad)
+        self.weight = _norm_param(dim, Role.NORM, partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -65,8 +68,8 @@ class LayerNorm(nn.Module):
     def __init__(self, dim: int, eps: float, partial_grad: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = _norm_param(dim, "norm", partial_grad)
-        self.bias = _norm_param(dim, "bias", partial_grad)
+        self.weight = _norm_param(dim, Role.NORM, partial_grad)
+        self.bias = _norm_param(dim, Role.BIAS, partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), self.bias.float(), self.eps)
@@ -121,10 +124,14 @@ class Attention(nn.Module):
         kv_size = n_kv_heads * self.head_dim
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.enter = TensorParallelInput(**tp)
-        self.q = ColumnParallelLinear(hidden_size, hidden_size, bias, role="query", input_is_parallel=True, **tp)
-        self.k = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in", input_is_parallel=True, **tp)
-        self.v = ColumnParallelLinear(hidden_size, kv_size, bias, role="hidden_in", input_is_parallel=True, **tp)
-        self.o = RowParallelLinear(hidden_size, hidden_size, bias, role="hidden_out", **tp)
+        self.q = ColumnParallelLinear(hidden_size, hidden_size, bias, input_is_parallel=True, **tp)
+        self.k = ColumnParallelLinear(hidden_size, kv_size, bias, input_is_parallel=True, **tp)
+        self.v = ColumnParallelLinear(hidden_size, kv_size, bias, input_is_parallel=True, **tp)
+        self.o = RowParallelLinear(hidden_size, hidden_size, bias, **tp)
+        assign_linear_roles(self.q, Role.QUERY)
+        for linear in (self.k, self.v):
+            assign_linear_roles(linear, Role.HIDDEN_IN)
+        assign_linear_roles(self.o, Role.HIDDEN_OUT)
         self.heads_are_sharded = self.enter.tp_size > 1
         # One gain shared by all heads, and each rank sees only its own heads: partial gradients under TP.
         self.q_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
@@ -160,9 +167,12 @@ class SwiGLU(nn.Module):
         super().__init__()
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.enter = TensorParallelInput(**tp)
-        self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in", input_is_parallel=True, **tp)
-        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, role="hidden_in", input_is_parallel=True, **tp)
-        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, role="hidden_out", **tp)
+        self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, input_is_parallel=True, **tp)
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, input_is_parallel=True, **tp)
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, **tp)
+        assign_linear_roles(self.gate, Role.HIDDEN_IN)
+        assign_linear_roles(self.up, Role.HIDDEN_IN)
+        assign_linear_roles(self.down, Role.HIDDEN_OUT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
@@ -176,8 +186,10 @@ class GeluMLP(nn.Module):
                  sequence_parallel: bool = False) -> None:
         super().__init__()
         tp = dict(group=group, sequence_parallel=sequence_parallel)
-        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=True, role="hidden_in", **tp)
-        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=True, role="hidden_out", **tp)
+        self.up = ColumnParallelLinear(hidden_size, ffn_hidden_size, bias=True, **tp)
+        self.down = RowParallelLinear(ffn_hidden_size, hidden_size, bias=True, **tp)
+        assign_linear_roles(self.up, Role.HIDDEN_IN)
+        assign_linear_roles(self.down, Role.HIDDEN_OUT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x), approximate="tanh"))
@@ -211,6 +223,9 @@ class EmbeddingLayer(nn.Module):
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.tokens = VocabParallelEmbedding(vocab_size, hidden_size, **tp)
         self.positions = ParallelPositionEmbedding(max_seq_len, hidden_size, **tp) if max_seq_len else None
+        assign_role(self.tokens.weight, Role.EMBEDDING)
+        if self.positions is not None:
+            assign_role(self.positions.weight, Role.POSITION)
         self.input_mult = input_mult
         self.dropout = ShardedDropout(dropout, self.tokens.sequence_parallel)
 
@@ -221,3 +236,22 @@ class EmbeddingLayer(nn.Module):
         if self.input_mult != 1.0:
             x = x * self.input_mult
         return self.dropout(x)
+
+
+class Readout(ParallelReadout):
+    """The vocabulary projection with μP's logit multiplier α_out/m (1 under SP): the vocab-parallel layer's
+    logits, scaled before the loss or sampling sees them. A subclass (not a wrapper) so the readout keeps
+    its parameter name, which seeds its init."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, logit_mult: float,
+                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+        super().__init__(hidden_size, vocab_size, group=group, sequence_parallel=sequence_parallel)
+        self.logit_mult = logit_mult
+        assign_role(self.weight, Role.READOUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits * self.logit_mult if self.logit_mult != 1.0 else logits
+
+    def extra_repr(self) -> str:
+        return f"logit_mult={self.logit_mult:g}, {super().extra_repr()}"

@@ -1,14 +1,25 @@
 """μP (Maximal Update Parametrization): the only module that knows it.
 
-m = hidden_size / mup.base_hidden_size. Per parameter role (tagged by the module that created it):
+m = hidden_size / mup.base_hidden_size. Every parameter has a `Role`, assigned by the model module that
+owns it once it has built its (parallel) layers (`assign_role`); the parallel layers know nothing of μP.
 
-| role                    | init std                       | Adam LR | weight decay          |
-| embedding, position     | σ                              | η       | 0 (wd_on_embeddings)  |
-| hidden_in, query        | σ/√m  (query 0 if zero_query)  | η/m     | wd·m  (lr·wd fixed)   |
-| hidden_out (attn o, MLP | σ/√m/√(2·n_layers)             | η/m     | wd·m                  |
-|   down)                 |                                |         |                       |
-| readout                 | 0 if zero_readout else σ       | η       | 0 (wd_on_embeddings)  |
-| norm / bias             | 1 / 0                          | η       | 0                     |
+| role                    | init std                       | AdamW LR | Muon LR | weight decay            |
+| embedding, position     | σ                              | η        | (AdamW) | 0 (wd_on_embeddings)    |
+| hidden_in, query        | σ/√m  (query 0 if zero_query)  | η/m      | η       | wd / lr_mult (lr·wd fixed) |
+| hidden_out (attn o, MLP | σ/√m/√(2·n_layers)             | η/m      | η       | wd / lr_mult            |
+|   down)                 |                                |          |         |                         |
+| readout                 | 0 if zero_readout else σ       | η        | (AdamW) | 0 (wd_on_embeddings)    |
+| norm / bias             | 1 / 0                          | η        | (AdamW) | 0                       |
+
+Hidden learning rate per optimizer (`hidden_lr_mult`). μP asks that a hidden matrix's update change its
+output coordinates by Θ(1) whatever the width; equivalently (the spectral view) that ‖ΔW‖₂ scale like
+√(fan_out/fan_in). Adam's update is elementwise ±η-sized, so its spectral norm grows like the width n and
+the LR must shrink as η/m. Muon's update is already orthogonalised (every singular value ≈ 1) and
+DeepSpeed scales it by √max(1, rows/cols), i.e. √(fan_out/fan_in) for the expanding MLP matrices and 1
+for the square ones: its spectral norm is already the one μP wants at every width, so its hidden LR must
+stay η. Giving Muon Adam's η/m makes its updates vanish as 1/m and tuned LRs stop transferring; a
+coordinate check through the real engine shows both (tests/test_muon.py). Embedding, readout, norms and
+biases take AdamW steps under Muon too, with AdamW's rules.
 
 Forward multipliers: embedding output × α_in, logits × α_out/m, attention scores × α_attn/d_head with
 α_attn = sqrt(base d_head) by default, so at m = 1 the scale is 1/sqrt(d_head).
@@ -26,22 +37,63 @@ seeded by (train.seed, the parameter's qualified name), and the layer cuts its l
 """
 from __future__ import annotations
 
+import enum
 import hashlib
 import math
+from typing import Optional
+
 import torch
 from torch import nn
 
 from megamu.config import Config
 
-ROLES = ("embedding", "position", "hidden_in", "query", "hidden_out", "readout", "norm", "bias")
-HIDDEN_ROLES = ("hidden_in", "query", "hidden_out")
+
+class Role(str, enum.Enum):
+    """What μP does with a parameter. A str enum: a role compares equal to its name ("hidden_in", ...)."""
+
+    EMBEDDING = "embedding"
+    POSITION = "position"
+    HIDDEN_IN = "hidden_in"
+    QUERY = "query"
+    HIDDEN_OUT = "hidden_out"
+    READOUT = "readout"
+    NORM = "norm"
+    BIAS = "bias"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ROLES = tuple(Role)
+HIDDEN_ROLES = (Role.HIDDEN_IN, Role.QUERY, Role.HIDDEN_OUT)
 # Optimizer groups: name → the roles it holds.
 GROUP_ROLES = {
     "hidden": HIDDEN_ROLES,
-    "embedding": ("embedding", "position"),
-    "readout": ("readout",),
-    "norm_bias": ("norm", "bias"),
+    "embedding": (Role.EMBEDDING, Role.POSITION),
+    "readout": (Role.READOUT,),
+    "norm_bias": (Role.NORM, Role.BIAS),
 }
+
+
+def assign_role(param: Optional[nn.Parameter], role: Role) -> None:
+    """Record `param`'s μP role (a missing optional parameter, e.g. an absent bias, is skipped)."""
+    if param is not None:
+        param.mup_role = role
+
+
+def assign_linear_roles(linear: nn.Module, weight_role: Role) -> None:
+    """A linear layer's weight gets `weight_role`, its bias (if any) the bias role."""
+    assign_role(linear.weight, weight_role)
+    assign_role(getattr(linear, "bias", None), Role.BIAS)
+
+
+def role_of(param: nn.Parameter, name: str) -> Role:
+    """`param`'s role; ValueError naming the parameter when the model never assigned one."""
+    role = getattr(param, "mup_role", None)
+    if not isinstance(role, Role):
+        raise ValueError(f"parameter {name!r} has μP role {role!r}; the model module owning it must call "
+                         f"mup.assign_role with one of {', '.join(r.value for r in Role)}")
+    return role
 
 
 def width_mult(cfg: Config) -> float:
@@ -64,7 +116,7 @@ def attention_scale(cfg: Config) -> float:
 
     The default α_attn = sqrt(base d_head), base d_head = base_hidden_size / n_heads (heads are kept fixed as
     the width grows), so the μP scale equals SP's 1/sqrt(d_head) at m = 1. A model widened at a fixed head
-    dim (more heads) must pin mup.attn_mult to the proxy's value instead; megamu.scaling.ladder does.
+    dim (more heads) must pin mup.attn_mult to the proxy's value instead; megamu.scaling.widths does.
     """
     head_dim = cfg.head_dim
     if not cfg.mup.enabled:
@@ -75,18 +127,18 @@ def attention_scale(cfg: Config) -> float:
     return alpha / head_dim
 
 
-def init_std(role: str, cfg: Config) -> float:
+def init_std(role: Role, cfg: Config) -> float:
     """Standard deviation of the normal init for a matrix of this role (norms and biases are constants)."""
     sigma, m = cfg.mup.init_std, width_mult(cfg)
-    if role in ("embedding", "position"):
+    if role in (Role.EMBEDDING, Role.POSITION):
         return sigma
-    if role == "query":
+    if role is Role.QUERY:
         return 0.0 if cfg.mup.zero_query else sigma / math.sqrt(m)
-    if role == "hidden_in":
+    if role is Role.HIDDEN_IN:
         return sigma / math.sqrt(m)
-    if role == "hidden_out":
+    if role is Role.HIDDEN_OUT:
         return sigma / math.sqrt(m) / math.sqrt(2 * cfg.model.n_layers)
-    if role == "readout":
+    if role is Role.READOUT:
         return 0.0 if cfg.mup.zero_readout else sigma
     raise ValueError(f"init_std: role {role!r} is not a matrix role")
 
@@ -96,20 +148,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _role(param: nn.Parameter, name: str) -> str:
-    role = getattr(param, "mup_role", None)
-    if role not in ROLES:
-        raise ValueError(f"parameter {name!r} has μP role {role!r}; the module creating it must set "
-                         f"param.mup_role to one of {', '.join(ROLES)}")
-    return role
-
-
 @torch.no_grad()
 def init_parameter(param: nn.Parameter, module: nn.Module, name: str, cfg: Config) -> None:
     """Initialise one parameter from its role; `name` (its qualified name) seeds the generator."""
-    role = _role(param, name)
-    if role in ("norm", "bias"):
-        param.fill_(1.0 if role == "norm" else 0.0)
+    role = role_of(param, name)
+    if role in (Role.NORM, Role.BIAS):
+        param.fill_(1.0 if role is Role.NORM else 0.0)
         return
     full_shape = module.full_shape(param) if hasattr(module, "full_shape") else param.shape
     std = init_std(role, cfg)
@@ -128,8 +172,16 @@ def init_weights(model: nn.Module, cfg: Config) -> None:
             init_parameter(param, module, qualified, cfg)
 
 
+def hidden_lr_mult(cfg: Config) -> float:
+    """The hidden matrices' LR multiplier for cfg.train.optimizer (module docstring): AdamW 1/m, Muon 1."""
+    if cfg.train.optimizer == "muon":
+        return 1.0
+    return 1.0 / width_mult(cfg)
+
+
 def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
-    """AdamW param groups: hidden (LR η/m, wd·m, optionally ε/m), embedding, readout, norm_bias (LR η).
+    """Param groups: hidden (LR η·hidden_lr_mult, wd/hidden_lr_mult so lr·wd is width-independent, AdamW's
+    ε optionally /m), embedding, readout, norm_bias (LR η).
 
     Each group has `params`, `name`, `lr_mult`, `lr` (= cfg.train.lr · lr_mult), `weight_decay`, and `eps`
     when mup.scale_eps is on. Groups with no parameters (e.g. on a pipeline stage without the embedding)
@@ -138,18 +190,19 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     m = width_mult(cfg)
     wd = cfg.train.weight_decay
     wd_outer = wd if cfg.mup.wd_on_embeddings else 0.0
+    hidden_mult = hidden_lr_mult(cfg)
     settings = {
-        "hidden": {"lr_mult": 1.0 / m, "weight_decay": wd * m},
+        "hidden": {"lr_mult": hidden_mult, "weight_decay": wd / hidden_mult},
         "embedding": {"lr_mult": 1.0, "weight_decay": wd_outer},
         "readout": {"lr_mult": 1.0, "weight_decay": wd_outer},
         "norm_bias": {"lr_mult": 1.0, "weight_decay": 0.0},
     }
-    if cfg.mup.enabled and cfg.mup.scale_eps:
+    if cfg.mup.enabled and cfg.mup.scale_eps and cfg.train.optimizer == "adamw":
         settings["hidden"]["eps"] = cfg.train.adam_eps / m
     group_of_role = {role: group for group, roles in GROUP_ROLES.items() for role in roles}
     members: dict[str, list[nn.Parameter]] = {group: [] for group in GROUP_ROLES}
     for name, param in model.named_parameters():
-        members[group_of_role[_role(param, name)]].append(param)
+        members[group_of_role[role_of(param, name)]].append(param)
     groups = []
     for group, params in members.items():
         if params:
@@ -160,7 +213,7 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
 
 def parameters_by_role(model: nn.Module) -> dict[str, list[str]]:
     """Qualified parameter names per μP role (for inspection and tests)."""
-    out: dict[str, list[str]] = {role: [] for role in ROLES}
+    out: dict[str, list[str]] = {role.value: [] for role in Role}
     for name, param in model.named_parameters():
-        out[_role(param, name)].append(name)
+        out[role_of(param, name).value].append(name)
     return out

@@ -22,8 +22,8 @@ from torch.distributed import ProcessGroup
 
 from megamu.config import Config, ConfigError
 from megamu.model import mup
-from megamu.model.layers import Attention, Block, EmbeddingLayer, GeluMLP, SwiGLU, make_norm
-from megamu.parallel.layers import ParallelReadout, register_partial_grad_allreduce
+from megamu.model.layers import Attention, Block, EmbeddingLayer, GeluMLP, Readout, SwiGLU, make_norm
+from megamu.parallel.layers import register_partial_grad_allreduce
 from megamu.parallel.mappings import group_size
 
 
@@ -53,8 +53,7 @@ class Transformer(nn.Module):
                                    input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
         blocks = [_build_block(cfg, tp_group, sequence_parallel) for _ in range(m.n_layers)]
         final_norm = make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
-        readout = ParallelReadout(m.hidden_size, cfg.padded_vocab_size(), logit_scale=mup.output_multiplier(cfg),
-                                  **tp)
+        readout = Readout(m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg), **tp)
         self.layers = nn.ModuleList([embedding, *blocks, final_norm, readout])
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -65,7 +64,7 @@ class Transformer(nn.Module):
         x = input_ids
         for layer in self.layers:
             x = layer(x)
-        readout: ParallelReadout = self.layers[-1]
+        readout: Readout = self.layers[-1]
         return readout.gather_logits(x) if labels is None else readout.loss(x, labels, self.vocab_size)
 
 

@@ -7,13 +7,12 @@ between TP regions are split along the sequence (dim 1 of [batch, seq, hidden]):
 by all-gathering the sequence (reduce-scatter backward) instead of the identity (all-reduce backward),
 and left by reduce-scattering instead of all-reducing.
 
-Each parameter is tagged where it is created:
-- `param.mup_role`: what μP does with it ("hidden_in", "query", "hidden_out", "embedding", "position",
-  "readout", "norm", "bias"); `megamu.model.mup` reads only this tag, never parameter names.
+Each parameter is tagged with its parallel layout where it is created (and with nothing else: what a
+parameter means to the model, e.g. its μP role, is the model's business):
 - `param.partition_dim` (None = replicated) and `param.tensor_model_parallel` (DeepSpeed's tag: the
   gradient norm counts a tagged parameter on every TP rank, a replicated one only on TP rank 0).
-- `param.sequence_parallel`: replicated, but every TP rank computes only part of its gradient (it sees a
-  sequence shard, or only its own heads); `register_partial_grad_allreduce` sums those over TP.
+- `param.needs_tp_grad_allreduce`: replicated, but every TP rank computes only part of its gradient (it
+  sees a sequence shard, or only its own heads); `register_partial_grad_allreduce` sums those over TP.
 `local_shard(full, param)` cuts this rank's piece out of the full (unsharded) tensor, so initialisation
 can draw the full tensor from a seeded generator and stay identical for every TP size.
 """
@@ -31,18 +30,17 @@ from megamu.parallel.cross_entropy import vocab_parallel_cross_entropy
 from megamu.parallel.mappings import group_rank, group_size
 
 
-def tag_parameter(param: nn.Parameter, role: str, partition_dim: Optional[int], tp_size: int,
+def tag_parameter(param: nn.Parameter, partition_dim: Optional[int], tp_size: int,
                   partial_grad: bool = False) -> nn.Parameter:
-    """Attach the μP role, the TP partitioning and the partial-gradient flag (see module docstring)."""
-    param.mup_role = role
+    """Attach the TP partitioning and the partial-gradient flag (see module docstring)."""
     param.partition_dim = partition_dim
     param.tensor_model_parallel = partition_dim is not None and tp_size > 1
-    param.sequence_parallel = partial_grad
+    param.needs_tp_grad_allreduce = partial_grad
     return param
 
 
 def register_partial_grad_allreduce(model: nn.Module, group: Optional[ProcessGroup]) -> int:
-    """Sum the gradient of every `sequence_parallel`-tagged parameter over the TP group, in backward.
+    """Sum the gradient of every `needs_tp_grad_allreduce` parameter over the TP group, in backward.
 
     A tensor hook runs before the gradient is accumulated into `.grad`, so DeepSpeed's own hooks (which
     reduce gradients over data parallelism at every ZeRO stage) already see the full gradient. Returns
@@ -52,7 +50,7 @@ def register_partial_grad_allreduce(model: nn.Module, group: Optional[ProcessGro
         return 0
     hooked = 0
     for param in model.parameters():
-        if getattr(param, "sequence_parallel", False):
+        if getattr(param, "needs_tp_grad_allreduce", False):
             param.register_hook(lambda grad: mappings.reduce_from_tp_region(grad, group))
             hooked += 1
     return hooked
@@ -122,15 +120,14 @@ class ColumnParallelLinear(TensorParallelLayer):
     `input_is_parallel`: the input already went through a TensorParallelInput (shared with other linears).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, role: str = "hidden_in",
-                 gather_output: bool = False, input_is_parallel: bool = False, group: Optional[ProcessGroup] = None,
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, gather_output: bool = False, input_is_parallel: bool = False, group: Optional[ProcessGroup] = None,
                  sequence_parallel: bool = False) -> None:
         super().__init__(group, sequence_parallel)
         self.in_features, self.out_features = in_features, out_features
         self.gather_output, self.input_is_parallel = gather_output, input_is_parallel
         local_out = self._shard_size(out_features, "out_features")
-        self.weight = tag_parameter(nn.Parameter(torch.empty(local_out, in_features)), role, 0, self.tp_size)
-        self.bias = tag_parameter(nn.Parameter(torch.empty(local_out)), "bias", 0, self.tp_size) if bias else None
+        self.weight = tag_parameter(nn.Parameter(torch.empty(local_out, in_features)), 0, self.tp_size)
+        self.bias = tag_parameter(nn.Parameter(torch.empty(local_out)), 0, self.tp_size) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
@@ -143,16 +140,15 @@ class RowParallelLinear(TensorParallelLayer):
     """y = x Wᵀ + b with W split by input columns (Megatron's row-parallel linear): each rank multiplies its
     slice of the input and the partial products are summed (all-reduce, or reduce-scatter under SP)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, role: str = "hidden_out",
-                 input_is_parallel: bool = True, group: Optional[ProcessGroup] = None,
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *, input_is_parallel: bool = True, group: Optional[ProcessGroup] = None,
                  sequence_parallel: bool = False) -> None:
         super().__init__(group, sequence_parallel)
         self.in_features, self.out_features = in_features, out_features
         self.input_is_parallel = input_is_parallel
         local_in = self._shard_size(in_features, "in_features")
-        self.weight = tag_parameter(nn.Parameter(torch.empty(out_features, local_in)), role, 1, self.tp_size)
+        self.weight = tag_parameter(nn.Parameter(torch.empty(out_features, local_in)), 1, self.tp_size)
         # Added once, after the reduction: replicated; under SP each rank adds it to its sequence shard only.
-        self.bias = (tag_parameter(nn.Parameter(torch.empty(out_features)), "bias", None, self.tp_size,
+        self.bias = (tag_parameter(nn.Parameter(torch.empty(out_features)), None, self.tp_size,
                                    partial_grad=self.sequence_parallel) if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,13 +163,13 @@ class VocabParallelEmbedding(TensorParallelLayer):
     slice (zeros elsewhere) and the ranks' rows are summed (all-reduce, or reduce-scatter under SP, which
     leaves every rank its sequence shard)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, *, role: str = "embedding",
-                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+    def __init__(self, num_embeddings: int, embedding_dim: int, *, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__(group, sequence_parallel)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         local_rows = self._shard_size(num_embeddings, "num_embeddings (the padded vocabulary)")
         self.vocab_start = self.tp_rank * local_rows
-        self.weight = tag_parameter(nn.Parameter(torch.empty(local_rows, embedding_dim)), role, 0, self.tp_size)
+        self.weight = tag_parameter(nn.Parameter(torch.empty(local_rows, embedding_dim)), 0, self.tp_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -192,8 +188,7 @@ class ParallelPositionEmbedding(TensorParallelLayer):
     def __init__(self, max_seq_len: int, embedding_dim: int, *, group: Optional[ProcessGroup] = None,
                  sequence_parallel: bool = False) -> None:
         super().__init__(group, sequence_parallel)
-        self.weight = tag_parameter(nn.Parameter(torch.empty(max_seq_len, embedding_dim)), "position", None,
-                                    self.tp_size)
+        self.weight = tag_parameter(nn.Parameter(torch.empty(max_seq_len, embedding_dim)), None, self.tp_size)
 
     def forward(self, seq_len: int) -> torch.Tensor:
         """Rows for positions 0 .. seq_len-1 ([seq_len or seq_len/tp, hidden])."""
@@ -205,23 +200,21 @@ class ParallelPositionEmbedding(TensorParallelLayer):
 
 class ParallelReadout(TensorParallelLayer):
     """Vocabulary projection, column-parallel over the vocab: hidden [B, T(/tp under SP), H] → this rank's
-    logits [B, T, V_padded/tp] × `logit_scale` (μP's α_out/m, 1 under SP), the full sequence.
+    logits [B, T, V_padded/tp], the full sequence.
 
     `loss` takes these sharded logits straight to the vocab-parallel cross entropy; `gather_logits`
     assembles the full vocabulary for sampling or inspection.
     """
 
-    def __init__(self, in_features: int, vocab_size: int, *, logit_scale: float = 1.0,
-                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+    def __init__(self, in_features: int, vocab_size: int, *, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__(group, sequence_parallel)
         self.in_features, self.vocab_size = in_features, vocab_size
-        self.logit_scale = logit_scale
         local_rows = self._shard_size(vocab_size, "vocab_size (the padded vocabulary)")
-        self.weight = tag_parameter(nn.Parameter(torch.empty(local_rows, in_features)), "readout", 0, self.tp_size)
+        self.weight = tag_parameter(nn.Parameter(torch.empty(local_rows, in_features)), 0, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(self._enter_region(x), self.weight)
-        return logits * self.logit_scale if self.logit_scale != 1.0 else logits
+        return F.linear(self._enter_region(x), self.weight)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """This rank's vocab shard of the logits → all V_padded logits (identity at TP=1)."""
@@ -234,8 +227,7 @@ class ParallelReadout(TensorParallelLayer):
         return per_token.sum() / (labels != -100).sum().clamp(min=1)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, vocab_size={self.vocab_size}, logit_scale={self.logit_scale:g}, "
-                f"{super().extra_repr()}")
+        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, {super().extra_repr()}"
 
 
 __all__ = ["ColumnParallelLinear", "ParallelPositionEmbedding", "ParallelReadout", "RowParallelLinear",
