@@ -11,7 +11,9 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
+
+from megamu.parallel.launch_env import without_launch_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -46,15 +48,24 @@ def free_port() -> int:
 
 
 def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
-           extra_env: Optional[dict[str, str]] = None) -> LaunchResult:
-    """Run `python ARGS...` once per rank and wait for all of them."""
+           extra_env: Optional[dict[str, str]] = None,
+           rank_env: Optional[Callable[[int], dict[str, str]]] = None) -> LaunchResult:
+    """Run `python ARGS...` once per rank and wait for all of them.
+
+    Each rank gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or
+    with `rank_env` only the variables rank_env(rank) returns (to play srun or mpirun).
+    """
     port = str(free_port())
+    # A launcher around the tests (pytest under srun or mpirun) must not leak its variables into the ranks.
+    inherited = without_launch_env(os.environ)
     procs = []
     for rank in range(nprocs):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+        launcher = rank_env(rank) if rank_env else {
+            "RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nprocs),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        env = {**inherited, **launcher,
                # Ranks share two cores: one thread each avoids oversubscription.
-               "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1",
                **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))

@@ -19,11 +19,12 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
+
+from dist import free_port
 
 # A rank blocked in a collective gives up after this long, so a broken test cannot hang forever.
 COLLECTIVE_TIMEOUT_S = 60.0
@@ -33,12 +34,6 @@ STRAGGLER_GRACE_S = 2.0
 
 class DistributedTestError(AssertionError):
     """A function run by run_distributed failed on at least one rank."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _worker_main(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from megamu import runtime
 from megamu.config import ConfigError
 
 
@@ -95,4 +96,4 @@ def collate_tokens(samples: Sequence[dict[str, np.ndarray]]) -> torch.Tensor:
 def make_dataloader(dataset: Any, sampler: DistributedBatchSampler, num_workers: int = 0) -> DataLoader:
     """torch DataLoader yielding LongTensor micro batches [micro, seq_len + 1] in the sampler's order."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_tokens,
-                      pin_memory=torch.cuda.is_available())
+                      pin_memory=runtime.pin_memory())

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
+from megamu import runtime
 from megamu.parallel.mappings import group_rank
 
 MODEL_PARALLEL_RNG = "model-parallel"
@@ -25,7 +26,7 @@ TP_SEED_OFFSET = 2718
 
 
 def _default_device_type() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return runtime.device().type
 
 
 def _state_accessors(device_type: str) -> tuple[Callable[[], Tensor], Callable[[Tensor], None]]:

@@ -14,12 +14,13 @@ Tensor-parallel layers use `get_tensor_model_parallel_group()` / `_rank()` / `_w
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.distributed as dist
+
+from megamu import runtime
+from megamu.parallel.launch_env import apply_launch_env
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class ParallelState:
             group = dist.new_group(ranks, timeout=timeout)
             if self.rank in ranks:
                 mine = group
-        assert mine is not None, f"rank {self.rank} is in no group of {all_ranks}"
+        if mine is None:
+            raise RuntimeError(f"rank {self.rank} is in none of the groups {all_ranks}: the world has "
+                               f"{self.layout.world_size} ranks, so RANK must be below that")
         return mine
 
     # ---- tensor parallel (used by TP layers) ---------------------------------------------
@@ -141,22 +144,6 @@ class ParallelState:
 _STATE: Optional[ParallelState] = None
 
 
-def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
-def _ensure_launcher_env() -> None:
-    """A plain `python -m megamu.train` is a world of one; without these variables DeepSpeed
-    would go looking for MPI."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    # Port 0: the store binds whatever port the OS hands out, so concurrent single-process runs
-    # (a sweep) cannot race for a port picked in advance.
-    os.environ.setdefault("MASTER_PORT", "0")
-
-
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: float = 10.0) -> ParallelState:
     """Start torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) and build the groups.
 
@@ -167,10 +154,10 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: flo
     import deepspeed  # deferred: importing deepspeed takes seconds
 
     timeout = datetime.timedelta(minutes=timeout_minutes)
-    _ensure_launcher_env()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(dist_backend=default_backend(), timeout=timeout, verbose=False)
+    # A world of one, or the ranks srun / mpirun started; without these variables DeepSpeed would look for MPI.
+    apply_launch_env()
+    runtime.bind_device()
+    deepspeed.init_distributed(dist_backend=runtime.backend(), timeout=timeout, verbose=False)
     layout = ParallelLayout(dist.get_world_size(), tensor, pipeline)
     _STATE = ParallelState(layout, dist.get_rank(), timeout)
     return _STATE

@@ -11,9 +11,8 @@ import json
 import os
 from typing import Any
 
-import torch
-
 from megamu.config import Config, ConfigError, accumulation_steps
+from megamu.runtime import train_dtype
 
 
 def default_zero_stage(cfg: Config, dp_size: int) -> int:
@@ -24,15 +23,6 @@ def default_zero_stage(cfg: Config, dp_size: int) -> int:
 
 # Quiet by default: megamu prints its own progress.
 _DEFAULTS = {"steps_per_print": 2**31 - 1, "wall_clock_breakdown": False}
-
-
-def resolve_dtype(cfg: Config) -> str:
-    """"bf16" or "fp32": train.dtype, with "auto" meaning bf16 on CUDA and fp32 on CPU."""
-    if cfg.train.dtype == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
-    if cfg.train.dtype == "bf16" and not torch.cuda.is_available():
-        raise ConfigError("train.dtype=bf16 needs a CUDA device; use train.dtype=auto or fp32 on CPU")
-    return cfg.train.dtype
 
 
 def load_ds_json(path: str) -> dict[str, Any]:
@@ -80,7 +70,7 @@ def build_ds_config(cfg: Config, dp_size: int) -> dict[str, Any]:
     _put(ds, "gradient_clipping", float(t.grad_clip), "train.grad_clip", path)
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{path}: fp16 is not supported; remove 'fp16' (precision comes from train.dtype)")
-    want_bf16 = resolve_dtype(cfg) == "bf16"
+    want_bf16 = train_dtype(t.dtype) == "bf16"
     has_bf16 = ds.get("bf16", {}).get("enabled", want_bf16)
     if has_bf16 != want_bf16:
         raise ConfigError(f"{path}: 'bf16.enabled' = {has_bf16} disagrees with train.dtype={t.dtype} on this "

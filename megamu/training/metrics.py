@@ -18,14 +18,12 @@ from megamu.config import Config
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
-H100_BF16_PEAK_FLOPS = 989e12  # dense bf16, H100 SXM
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, on_gpu: bool) -> Optional[float]:
-    """Model FLOPs utilisation against the H100 bf16 peak per GPU; None on CPU (no meaningful peak)."""
-    if not on_gpu:
-        return None
-    return tokens_per_s * flops_per_token / (H100_BF16_PEAK_FLOPS * world_size)
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_flops: float) -> float:
+    """Model FLOPs utilisation: the model's FLOP/s over the peak of all `world_size` devices
+    (`peak_flops` per device, from megamu.runtime.peak_flops)."""
+    return tokens_per_s * flops_per_token / (peak_flops * world_size)
 
 
 def bits_per_byte(loss_nats: float, bytes_per_token: Optional[float]) -> Optional[float]:
