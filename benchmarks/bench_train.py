@@ -8,7 +8,7 @@ micro/global batch. The engine runs megamu's real step (LR schedule, non-finite 
 all-reduce) under ZeRO 0 (megamu's default at one data-parallel rank) and under ZeRO 1; the plain
 loop is what the engine should cost nothing over.
 Rounds are interleaved and the best is kept, since other jobs may share the cores. CPU: fp32;
-CUDA: bf16 (DeepSpeed bf16 for megamu, autocast for the other two) with MFU against the H100 peak.
+CUDA: bf16 (DeepSpeed bf16 for megamu, autocast for the other two) with MFU against the GPU's peak (megamu.runtime).
 Needs `pip install -e .[bench]` (transformers).
 """
 from __future__ import annotations
@@ -17,22 +17,19 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megamu.config import Config, load_config
+from megamu.runtime import peak_flops
+from megamu.shipped import DEEPSPEED, shipped_path
 
-from megamu.config import Config, load_config  # noqa: E402
-from megamu.training.metrics import H100_BF16_PEAK_FLOPS  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Training throughput (issue 3)"
 ZERO0, ZERO1 = "megamu engine, ZeRO 0 (default at DP=1)", "megamu engine, ZeRO 1"
-# configs/tiny.yaml as is, and a ~20M-parameter shape on the same recipe.
+# The shipped tiny config as is, and a ~20M-parameter shape on the same recipe.
 SHAPES = {
     "tiny": [],
     "20m": ["model.hidden_size=384", "model.n_layers=8", "model.n_heads=6", "model.n_kv_heads=6",
@@ -47,7 +44,7 @@ class Result:
 
 
 def shape_config(shape: str, vocab_size: int) -> Config:
-    cfg = load_config(os.path.join(REPO, "configs", "tiny.yaml"),
+    cfg = load_config(shipped_path("tiny"),
                       SHAPES[shape] + [f"model.vocab_size={vocab_size}", "train.warmup_steps=1",
                                        "train.max_steps=1000", "train.deepspeed_config=null"])
     cfg.validate(world_size=1, check_files=False)
@@ -66,20 +63,19 @@ def device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def megamu_step(cfg: Config, ds_json: str) -> Callable[[int], None]:
+def megamu_step(cfg: Config, ds_name: str) -> Callable[[int], None]:
     import copy
 
     from megamu.parallel import initialize_parallel
     from megamu.training.ds_config import build_ds_config
     from megamu.training.engine import build_engine
-    from megamu.training.step import train_step
 
     cfg = copy.deepcopy(cfg)
-    cfg.train.deepspeed_config = os.path.join(REPO, "ds_configs", ds_json)
+    cfg.train.deepspeed_config = shipped_path(ds_name, DEEPSPEED)
     state = initialize_parallel()
-    model = build_engine(cfg, build_ds_config(cfg, dp_size=1), state)
+    optimizer_step = build_engine(cfg, build_ds_config(cfg, dp_size=1), state)
     batches = token_batches(cfg)
-    return lambda step: train_step(model, cfg.train, step, batches, state.get_data_parallel_group())
+    return lambda step: optimizer_step(step, batches)
 
 
 def _plain_loop(model: torch.nn.Module, groups: list[dict], cfg: Config,
@@ -151,7 +147,7 @@ def bench_shape(shape: str, steps: int, rounds: int, warmup: int, vocab: int) ->
 
     cfg = shape_config(shape, vocab)
     torch.manual_seed(0)
-    variants = {ZERO0: megamu_step(cfg, "zero0.json"), ZERO1: megamu_step(cfg, "zero1.json"),
+    variants = {ZERO0: megamu_step(cfg, "zero0"), ZERO1: megamu_step(cfg, "zero1"),
                 "plain PyTorch": plain_step(cfg), "HF Llama": hf_step(cfg)}
     done = dict.fromkeys(variants, 0)
     for name, step in variants.items():
@@ -181,11 +177,12 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
              + (" MFU |" if on_gpu else ""),
              "| --- | --- | --- | --- | --- | --- |" + (" --- |" if on_gpu else "")]
     summary = []
+    peak = peak_flops("bf16").flops if on_gpu else None
     for r in results:
         cfg = r["cfg"]
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
         for name, res in r["best"].items():
-            mfu = f" {res.tokens_per_s * r['flops_per_token'] / H100_BF16_PEAK_FLOPS:.1%} |" if on_gpu else ""
+            mfu = f" {res.tokens_per_s * r['flops_per_token'] / peak:.1%} |" if on_gpu else ""
             lines.append(f"| {r['shape']} | {r['params'] / 1e6:.1f}M | {tokens_per_step} | {name} | "
                          f"{res.tokens_per_s:,.0f} | {res.cpu_ms_per_ktok:.0f} |{mfu}")
         b = r["best"]

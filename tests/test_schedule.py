@@ -59,7 +59,7 @@ from megamu.config import load_config
 from megamu.training.loop import Trainer
 trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))
 trainer.run()
-print("GROUPS " + json.dumps([[g["name"], g["lr"], g["lr_mult"]] for g in trainer.model.param_groups]))
+print("GROUPS " + json.dumps([[g["name"], g["lr"], g["lr_mult"]] for g in trainer.optimizer_step.param_groups]))
 """
 
 

@@ -15,9 +15,10 @@ import torch
 import torch.distributed as dist
 from torch.testing import assert_close
 
+from megamu.checkpoint import merge_tp_shards, rng_state, set_rng_state
 from megamu.config import Config, ConfigError, load_config
+from megamu.errors import CheckpointError
 from megamu.model import build_model, parameter_layout
-from megamu.parallel.checkpoint_merge import merge_tp_shards
 from megamu.parallel.random import MODEL_PARALLEL_RNG, get_rng_tracker, seed_tensor_parallel_rng
 from tp_utils import run_distributed, tensor_parallel_group
 
@@ -104,7 +105,7 @@ def test_tp2_loss_and_gradients_equal_tp1(arch, sp):
 
 def _partial_grad_params(overrides: list[str]) -> list[str]:
     sharded, _, _ = _tp_model(2, overrides)
-    return sorted(name for name, p in sharded.named_parameters() if p.sequence_parallel)
+    return sorted(name for name, p in sharded.named_parameters() if p.needs_tp_grad_allreduce)
 
 
 def test_sequence_parallel_tags_exactly_the_replicated_params_that_see_a_shard():
@@ -136,9 +137,9 @@ def test_merged_tp2_shards_equal_the_tp1_state_dict():
 def test_merge_refuses_inconsistent_replicas_and_wrong_names():
     shard = {"norm": torch.ones(3), "w": torch.zeros(2, 3)}
     other = {"norm": torch.full((3,), 2.0), "w": torch.zeros(2, 3)}
-    with pytest.raises(ValueError, match="differs between TP rank 0 and TP rank 1"):
+    with pytest.raises(CheckpointError, match="differs between TP rank 0 and TP rank 1"):
         merge_tp_shards([shard, other], {"norm": None, "w": 0})
-    with pytest.raises(ValueError, match="missing \\['extra'\\]"):
+    with pytest.raises(CheckpointError, match="missing \\['extra'\\]"):
         merge_tp_shards([shard], {"norm": None, "w": 0, "extra": None})
 
 
@@ -164,8 +165,6 @@ def test_attention_dropout_draws_from_the_tp_rank_stream_only_in_training():
 
 
 def test_checkpoint_rng_state_restores_the_tp_stream():
-    from megamu.training.checkpoint import rng_state, set_rng_state
-
     seed_tensor_parallel_rng(3, None)
     saved = rng_state()
     with get_rng_tracker().fork():

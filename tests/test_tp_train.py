@@ -17,10 +17,9 @@ import pytest
 import torch
 
 from dist import REPO, run_train
+from megamu.checkpoint import load_model_shards, read_pointer
 from megamu.config import load_config
 from megamu.model import build_model
-from megamu.parallel.checkpoint_merge import load_model_shards
-from megamu.training.checkpoint import read_pointer
 from test_train_e2e import read_records, write_config
 
 STEPS = 10

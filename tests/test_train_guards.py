@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dist import run_script
-from megamu.training.guards import BadStepCounter, NonFiniteStepGate
+from megamu.training.guards import BadStepCounter
+from megamu.training.step import NonFiniteStepGate
 from test_train_e2e import read_records, write_config
 
 # Forward calls (= steps here: one micro batch per step, no evaluation) whose loss becomes NaN.

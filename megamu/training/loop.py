@@ -16,14 +16,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megamu.checkpoint import load_checkpoint, save_checkpoint, tag_for
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
-from megamu.training import checkpoint
-from megamu.training.ds_config import build_ds_config, resolve_dtype, zero_stage
+from megamu.runtime import peak_flops, train_dtype
+from megamu.training.ds_config import build_ds_config, zero_stage
 from megamu.training.engine import build_engine
 from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
 from megamu.training.metrics import RunLogger, bits_per_byte, mfu, plot_loss_curve
 from megamu.training.schedule import base_lr
-from megamu.training.step import group_mean, train_step
+from megamu.training.step import group_mean
 
 
 def _seed_everything(seed: int) -> None:
@@ -59,9 +60,11 @@ class Trainer:
         from megamu.data import build_datasets
         from megamu.model import flops_per_token, param_counts
         from megamu.parallel import initialize_parallel
+        from megamu.parallel.launch_env import apply_launch_env
         from megamu.parallel.random import seed_tensor_parallel_rng
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        # srun / mpirun give the world size in their own variables: derive it before validating the config.
+        world_size = apply_launch_env().world_size
         self.notes = resolve(cfg, world_size, need_data=True)
         self.cfg = cfg
         dp_size = data_parallel_size(cfg, world_size)
@@ -82,11 +85,12 @@ class Trainer:
         self.datasets = build_datasets(cfg, {"train": t.max_steps * t.global_batch_size,
                                              "valid": t.eval_iters * t.global_batch_size})
         self.bytes_per_token = _bytes_per_token(cfg)
-        self.model = build_engine(cfg, self.ds_config, self.state)
-        self.device = self.model.engine.device
+        self.optimizer_step = build_engine(cfg, self.ds_config, self.state)
+        self.engine = self.optimizer_step.engine  # the DeepSpeed engine: evaluation and checkpoints
+        self.device = self.engine.device
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_len
         self.flops_per_token = flops_per_token(cfg)
-        self.on_gpu = torch.cuda.is_available()
+        self.peak = peak_flops(train_dtype(t.dtype))
         counts = param_counts(cfg)
         self.meta = {
             "params": counts["total"], "non_embedding_params": counts["non_embedding"],
@@ -96,8 +100,8 @@ class Trainer:
             "seq_len": cfg.model.seq_len, "vocab_size": cfg.model.vocab_size,
             "global_batch_size": t.global_batch_size, "max_steps": t.max_steps, "lr": t.lr,
             "schedule": t.schedule, "optimizer": t.optimizer, "mup": cfg.mup.enabled,
-            "width_mult": cfg.width_mult, "zero_stage": zero_stage(self.ds_config), "dtype": resolve_dtype(cfg),
-            "world_size": self.world_size,
+            "width_mult": cfg.width_mult, "zero_stage": zero_stage(self.ds_config), "dtype": train_dtype(t.dtype),
+            "world_size": self.world_size, "peak_flops": self.peak.flops, "peak_source": self.peak.source,
         }
 
     # ---- data -----------------------------------------------------------------------------
@@ -116,7 +120,7 @@ class Trainer:
         t = self.cfg.train
         if t.eval_iters <= 0 or "valid" not in self.datasets:
             return None
-        engine = self.model.engine
+        engine = self.engine
         engine.eval()
         _, loader = self._batches("valid", t.eval_iters * t.global_batch_size)
         total, count = 0.0, 0
@@ -134,13 +138,13 @@ class Trainer:
         client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
                                    "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
                                    "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
-        checkpoint.save_checkpoint(self.model.engine, self.ckpt_dir, progress.step, client_state)
+        save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state)
 
     def _resume(self, progress: Progress) -> int:
         """Load the newest complete checkpoint if asked to; returns the samples already consumed."""
         if not self.cfg.train.resume:
             return 0
-        client = checkpoint.load_checkpoint(self.model.engine, self.ckpt_dir)
+        client = load_checkpoint(self.engine, self.ckpt_dir)
         if client is None:
             return 0
         saved = client["megamu"]
@@ -161,14 +165,14 @@ class Trainer:
         for note in self.notes:
             logger.message(note)
         if start_step:
-            logger.message(f"resumed from {checkpoint.tag_for(start_step)} in {self.ckpt_dir}")
+            logger.message(f"resumed from {tag_for(start_step)} in {self.ckpt_dir}")
         guard = BadStepCounter(t.max_bad_steps)
         run_start = window_start = time.perf_counter()
         window_steps = 0
         try:
             while progress.step < last_step:
-                loss, grad_norm, bad = train_step(self.model, t, progress.step, batches,
-                                                  self.state.get_data_parallel_group())
+                outcome = self.optimizer_step(progress.step, batches)
+                loss, grad_norm, bad = outcome.loss, outcome.grad_norm, outcome.skipped
                 progress.step += 1
                 window_steps += 1
                 progress.train_losses.append(loss)
@@ -190,7 +194,7 @@ class Trainer:
                     raise TrainingDiverged(
                         f"{guard.consecutive} consecutive steps with non-finite loss or gradients (train.max_bad_steps="
                         f"{t.max_bad_steps}) at step {progress.step}; saved checkpoint "
-                        f"{checkpoint.tag_for(progress.step)} in {self.ckpt_dir}. Lower train.lr or raise "
+                        f"{tag_for(progress.step)} in {self.ckpt_dir}. Lower train.lr or raise "
                         f"train.warmup_steps, then resume with train.resume=true")
                 at_end = progress.step == last_step
                 if (t.eval_interval and progress.step % t.eval_interval == 0) or at_end:
@@ -214,7 +218,7 @@ class Trainer:
         return {**self._counters(progress.step), "loss": loss if math.isfinite(loss) else None,
                 "lr": base_lr(progress.step - 1, self.cfg.train),
                 "grad_norm": grad_norm if is_finite(grad_norm) else None, "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.on_gpu), "time_s": elapsed,
+                "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.peak.flops), "time_s": elapsed,
                 "skipped_steps": progress.skipped_steps}
 
     def _summary(self, progress: Progress, start_step: int) -> dict[str, Any]:

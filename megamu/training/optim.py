@@ -3,7 +3,8 @@
 megamu builds it (rather than DeepSpeed from its json) so that every group keeps its own `lr`,
 `lr_mult`, `weight_decay` and `eps`. Muon is DeepSpeed's MuonWithAuxAdam with megamu deciding
 which parameters are hidden matrices from their μP role; DeepSpeed's own rule (ndim ≥ 2 and no
-"embed"/"lm_head" in the name) would also orthogonalise megamu's embedding and readout.
+"embed"/"lm_head" in the name) would also orthogonalise megamu's embedding and readout. Each
+optimizer's μP learning-rate rule for the hidden matrices lives in `mup.hidden_lr_mult`.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from megamu.config import Config
+from megamu.runtime import fused_adamw
 
 MUON_MOMENTUM = 0.95
 
@@ -22,7 +24,7 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     groups = mup.param_groups(model, cfg)
     if t.optimizer == "muon":
         return _build_muon(groups, cfg)
-    kwargs = {"fused": True} if torch.cuda.is_available() else {}
+    kwargs = {"fused": True} if fused_adamw() else {}
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
                              weight_decay=t.weight_decay, **kwargs)
 

@@ -1,14 +1,26 @@
-"""One optimizer step on the DeepSpeed engine: schedule, micro batches, guard, update."""
+"""One optimizer step on the DeepSpeed engine, with everything that decides whether it may update.
+
+`OptimizerStep` runs a step over one global batch: the LR schedule, the micro batches, the loss averaged
+over data parallelism, the global gradient norm (megamu's own at ZeRO 0, where DeepSpeed reports none),
+and the non-finite gate that skips the update identically on every rank.
+
+The gate wraps the innermost optimizer's `step` (the call that actually changes weights, under every
+ZeRO stage). It skips the update when the step's loss is non-finite or when any gradient it is about to
+apply is non-finite on any rank. The global gradient norm answers that for free when the step has one (a
+norm is finite exactly when every gradient is): the loop's own at ZeRO 0, DeepSpeed's under ZeRO 1-3,
+computed over every rank before the inner step runs. Only without a norm does the gate pass over the
+gradients itself and all-reduce the verdict, so all ranks skip together and replicas never diverge.
+"""
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
 from megamu.config import TrainConfig
-from megamu.training.engine import Engine
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
 
@@ -20,31 +32,115 @@ def group_mean(total: float, count: int, group: Optional[dist.ProcessGroup], dev
     return float(buf[0] / buf[1])
 
 
-def train_step(model: Engine, t: TrainConfig, step: int, batches: Iterator[torch.Tensor],
-               dp_group: Optional[dist.ProcessGroup]) -> tuple[float, Optional[float], bool]:
-    """Optimizer step `step` (0-based) over one global batch; returns (mean loss, grad norm, skipped).
+class NonFiniteStepGate:
+    def __init__(self, optimizer: torch.optim.Optimizer, group: Optional[dist.ProcessGroup],
+                 step_grad_norm: Callable[[], Any] = lambda: None) -> None:
+        """`step_grad_norm` returns this step's global gradient norm when the wrapper calling the inner
+        step has computed one before calling it (DeepSpeed's ZeRO optimizers), else None."""
+        self.optimizer = optimizer
+        self.group = group
+        self.step_grad_norm = step_grad_norm
+        self.loss_is_bad = False
+        self.known_grad_norm: Optional[float] = None
+        self.skipped_last_step = False
+        optimizer.step = self._gated(optimizer.step)  # an instance attribute shadows the method DeepSpeed calls
 
-    The loss is averaged over every micro batch of every data-parallel rank; a step whose loss or
-    gradients are not finite on any rank makes no update on any rank.
-    """
-    engine = model.engine
-    apply_lr(model.param_groups, base_lr(step, t))
-    micro_losses = []
-    accumulation = engine.gradient_accumulation_steps()
-    for micro_step in range(accumulation):
-        tokens = next(batches).to(engine.device, non_blocking=True)
-        loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
-        engine.backward(loss)
-        micro_losses.append(loss.detach().float())
-        if micro_step < accumulation - 1:
-            engine.step()  # DeepSpeed counts micro steps here; it updates only at the boundary
-    loss = group_mean(float(torch.stack(micro_losses).sum()), len(micro_losses), dp_group, engine.device)
-    loss_bad = not math.isfinite(loss)
-    grad_norm = model.unreduced_grad_norm() if model.zero_stage == 0 else None
-    model.gate.begin_step(loss_is_bad=loss_bad, grad_norm=grad_norm)
-    engine.step()
-    reported = engine.get_global_grad_norm()
-    if reported is not None:
-        grad_norm = float(reported)
-    bad = loss_bad or model.gate.skipped_last_step or not is_finite(grad_norm)
-    return loss, grad_norm, bad
+    def _gated(self, inner_step: Callable) -> Callable:
+        def step(*args, **kwargs):
+            bad = self.loss_is_bad or not self._grads_finite()
+            self.skipped_last_step = self.skipped_last_step or bad
+            if bad:
+                return None
+            return inner_step(*args, **kwargs)
+        return step
+
+    def _grads_finite(self) -> bool:
+        norm = self.known_grad_norm if self.known_grad_norm is not None else self.step_grad_norm()
+        if norm is not None:
+            return math.isfinite(float(norm))
+        return self._grads_finite_everywhere()
+
+    def _grads_finite_everywhere(self) -> bool:
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        # One device-to-host sync for the whole model, not one per tensor.
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        flag = (~finite).to(device=device, dtype=torch.float32).reshape(1)
+        if self.group is not None and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return flag.item() == 0.0
+
+    def begin_step(self, loss_is_bad: bool, grad_norm: Optional[float] = None) -> None:
+        """Arm the gate for one optimizer step; `grad_norm`: the step's global norm if the loop has it."""
+        self.loss_is_bad = loss_is_bad
+        self.known_grad_norm = grad_norm
+        self.skipped_last_step = False
+
+
+@dataclass
+class StepOutcome:
+    loss: float  # mean over every micro batch of every data-parallel rank
+    grad_norm: Optional[float]  # global, before clipping; None when unknown
+    skipped: bool  # no update was made (non-finite loss or gradients)
+
+
+class OptimizerStep:
+    """Runs optimizer steps on a DeepSpeed engine; `engine` stays reachable for evaluation and checkpoints."""
+
+    def __init__(self, engine: Any, gate: NonFiniteStepGate, zero_stage: int, train: TrainConfig,
+                 dp_group: Optional[dist.ProcessGroup]) -> None:
+        self.engine = engine  # deepspeed.DeepSpeedEngine
+        self.gate = gate
+        self.zero_stage = zero_stage
+        self.train = train
+        self.dp_group = dp_group
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The groups whose `lr` the schedule sets (ZeRO wrappers expose the inner optimizer's)."""
+        return self.engine.optimizer.param_groups
+
+    def __call__(self, step: int, batches: Iterator[torch.Tensor]) -> StepOutcome:
+        """Optimizer step `step` (0-based) over one global batch drawn from `batches`.
+
+        A step whose loss or gradients are not finite on any rank makes no update on any rank.
+        """
+        engine = self.engine
+        apply_lr(self.param_groups, base_lr(step, self.train))
+        micro_losses = []
+        accumulation = engine.gradient_accumulation_steps()
+        for micro_step in range(accumulation):
+            tokens = next(batches).to(engine.device, non_blocking=True)
+            loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+            engine.backward(loss)
+            micro_losses.append(loss.detach().float())
+            if micro_step < accumulation - 1:
+                engine.step()  # DeepSpeed counts micro steps here; it updates only at the boundary
+        loss = group_mean(float(torch.stack(micro_losses).sum()), len(micro_losses), self.dp_group, engine.device)
+        loss_bad = not math.isfinite(loss)
+        grad_norm = self._zero0_grad_norm() if self.zero_stage == 0 else None
+        self.gate.begin_step(loss_is_bad=loss_bad, grad_norm=grad_norm)
+        engine.step()
+        reported = engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
+        skipped = loss_bad or self.gate.skipped_last_step or not is_finite(grad_norm)
+        return StepOutcome(loss, grad_norm, skipped)
+
+    def _zero0_grad_norm(self) -> float:
+        """Global gradient norm before clipping, for ZeRO 0 where DeepSpeed does not report one.
+
+        Called between the last backward and step(); gradients are already averaged over DP. Under tensor
+        parallelism a sharded parameter's gradient counts on every TP rank and a replicated one only on TP
+        rank 0 (DeepSpeed's rule), and the squares are summed over the model-parallel group.
+        """
+        mpu = self.engine.mpu
+        first_tp_rank = mpu.get_tensor_model_parallel_rank() == 0
+        grads = [p.grad for p in self.engine.module.parameters()
+                 if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))]
+        if grads:
+            squares = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+        else:
+            squares = torch.zeros((), dtype=torch.float32, device=self.engine.device)
+        torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
+        return float(squares.sqrt())
