@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from megamu.cli import scale as scale_tool
 from megamu.config import ConfigError, load_config
 from megamu.model import mup, param_counts
 from megamu.scaling.fit import FitError
@@ -24,9 +25,6 @@ from megamu.scaling.ladder import (
 from megamu.scaling.launch import MetricRule, adopt_finished_run, run_all
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "tools"))
-import scale  # noqa: E402
-
 FAKE = [sys.executable, os.path.join(TESTS, "fake_trainer.py")]
 
 
@@ -177,9 +175,9 @@ def test_scale_tool_with_overlay_and_prediction(base_config, tmp_path, capsys):
     overlay = tmp_path / "best.yaml"
     overlay.write_text(yaml.safe_dump({"train": {"lr": 0.003}}))
     out = str(tmp_path / "ladder")
-    code = scale.main(["--config", base_config, "--overlay", str(overlay), "--widths", "32,64,96,128,256",
-                       "--steps", "6", "--out", out, "--trainer", " ".join(FAKE), "--parallel", "2",
-                       "--predict", "--smooth", "1", "--min-step", "0", "--target-mult", "8"])
+    code = scale_tool.main(["--config", base_config, "--overlay", str(overlay), "--widths", "32,64,96,128,256",
+                            "--steps", "6", "--out", out, "--trainer", " ".join(FAKE), "--parallel", "2",
+                            "--predict", "--smooth", "1", "--min-step", "0", "--target-mult", "8"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "Holdout" in printed and "Prediction at params" in printed
@@ -188,6 +186,6 @@ def test_scale_tool_with_overlay_and_prediction(base_config, tmp_path, capsys):
     assert os.path.isfile(os.path.join(out, "prediction.png"))
     with open(os.path.join(out, "w128", "train.log")) as log:
         assert "train.lr=0.003" in log.readline()  # the overlay reached every rung
-    code = scale.main(["--config", base_config, "--overlay", str(tmp_path / "nope.yaml"), "--widths", "64",
-                       "--out", out])
+    code = scale_tool.main(["--config", base_config, "--overlay", str(tmp_path / "nope.yaml"), "--widths", "64",
+                            "--out", out])
     assert code == 2 and "config file not found" in capsys.readouterr().err

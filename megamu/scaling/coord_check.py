@@ -4,6 +4,11 @@ For each width, build the model (μP or SP), take a few AdamW steps with `mup.pa
 batches, and record mean |activation| per module per step through forward hooks: step 0 is the forward
 pass at init, step s the forward pass after s updates. Under μP every curve of log mean|act| against
 log width is flat; under SP the logits (and, with larger LRs, the hidden activations) grow with width.
+
+The config is the proxy and every width is derived from it by μScaling's width rule
+(megamu.scaling.widths: head dim and grouped-query group fixed, more heads, μP's α_attn pinned to the
+proxy's), so the check validates the models the ladder trains; widths must be multiples of head dim ×
+group size.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from megamu.config import Config, ConfigError
 from megamu.model import build_model, mup
 from megamu.model.layers import Block, EmbeddingLayer
 from megamu.parallel.layers import ParallelReadout
+from megamu.scaling.widths import config_at_width
 
 
 def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Optional[str] = None,
@@ -52,15 +58,10 @@ def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Opt
 
 
 def width_config(cfg: Config, width: int, mup_enabled: bool) -> Config:
-    """`cfg` at another width (heads fixed, an explicit MLP width scaled along), μP on or off."""
-    out = copy.deepcopy(cfg)
-    if cfg.model.ffn_hidden_size is not None:
-        out.model.ffn_hidden_size = round(cfg.model.ffn_hidden_size * width / cfg.model.hidden_size)
-    out.model.hidden_size = width
-    out.mup.enabled = mup_enabled
-    if width % cfg.model.n_heads:
-        raise ConfigError(f"width {width} is not divisible by model.n_heads={cfg.model.n_heads}")
-    return out
+    """The proxy `cfg` with μP on or off, taken to `width` by the width rule."""
+    proxy = copy.deepcopy(cfg)
+    proxy.mup.enabled = mup_enabled  # before the rule: it pins α_attn only under μP
+    return config_at_width(proxy, width)
 
 
 def watched_modules(model: nn.Module) -> dict[str, nn.Module]:

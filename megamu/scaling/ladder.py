@@ -1,9 +1,11 @@
 """Width ladders: the same model at several widths, μP hyper-parameters transferred from the proxy.
 
-Width rule: the head dimension stays fixed (n_heads = width / head_dim, with the proxy's
-grouped-query ratio n_heads / n_kv_heads), as in most μP ladders: μP's attention scale
-α_attn/d_head then means the same thing at every width. mup.base_hidden_size is never changed:
-it stays the proxy's width, which is what makes the proxy's hyper-parameters transfer.
+Width rule (megamu.scaling.widths, shared with sweeps and the coordinate check): the head dimension
+and the grouped-query group size stay the proxy's (more heads as width grows), an explicit MLP width
+scales along, mup.base_hidden_size stays the proxy's width (which is what makes the proxy's
+hyper-parameters transfer), and under μP mup.attn_mult is pinned to the proxy's α_attn so the
+attention scale α_attn/d_head is the proxy's at every rung. Each rung's overrides are derived from
+the proxy, not from another rung.
 
 Token budget rule: every rung trains the same number of steps, or tokens ∝ params
 (steps = ceil(tokens_per_param · params / tokens per step)), with the proxy's batch and sequence
@@ -17,12 +19,13 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from megamu.config import Config, ConfigError, fill_vocab_size, load_config, resolve
-from megamu.model import mup, param_counts
+from megamu.model import param_counts
 from megamu.scaling.fit import FitError
 from megamu.scaling.launch import MetricRule, RunResult, RunSpec
 from megamu.scaling.points import LossPoint
 from megamu.scaling.predict import predict
 from megamu.scaling.runs import read_run_point
+from megamu.scaling.widths import width_overrides, width_step
 
 
 @dataclass(frozen=True)
@@ -47,31 +50,6 @@ class TokenBudget:
         return max(1, math.ceil(self.tokens_per_param * params / tokens_per_step))
 
 
-def width_overrides(cfg: Config, width: int) -> list[str]:
-    """Overrides that turn the base config into the same model at `width` (fixed head dim)."""
-    m = cfg.model
-    head_dim = cfg.head_dim
-    if width <= 0 or width % head_dim:
-        raise ConfigError(f"width {width} is not a positive multiple of the head dimension {head_dim} "
-                          f"(model.hidden_size {m.hidden_size} / model.n_heads {m.n_heads}); pick a multiple of it")
-    n_heads = width // head_dim
-    overrides = [f"model.hidden_size={width}", f"model.n_heads={n_heads}"]
-    if cfg.mup.enabled and cfg.mup.attn_mult is None:
-        # μP's default α_attn assumes the head count stays fixed; with a fixed head dim, pin the proxy's
-        # α_attn so every rung's attention scale α_attn/d_head equals the proxy's.
-        overrides.append(f"mup.attn_mult={mup.attention_scale(cfg) * head_dim!r}")
-    if m.n_kv_heads is not None:
-        group = m.n_heads // cfg.kv_heads
-        if n_heads % group:
-            raise ConfigError(f"width {width} gives {n_heads} heads, not a multiple of the grouped-query group size "
-                              f"{group} (model.n_heads / model.n_kv_heads); pick a width with a multiple of "
-                              f"{group * head_dim}")
-        overrides.append(f"model.n_kv_heads={n_heads // group}")
-    if m.ffn_hidden_size:  # an explicit MLP width scales with the model width
-        overrides.append(f"model.ffn_hidden_size={round(m.ffn_hidden_size * width / m.hidden_size)}")
-    return overrides
-
-
 def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> tuple[Config, list[str]]:
     """The config at `width` and the width overrides that made it (taken from the proxy, not the rung)."""
     base = load_config(config, list(overrides))
@@ -87,12 +65,11 @@ def params_at(config: Optional[str], overrides: Sequence[str], width: int) -> in
 
 
 def width_for_params(config: Optional[str], overrides: Sequence[str], target_params: float) -> int:
-    """The valid width (a multiple of head_dim · GQA group) whose parameter count is nearest `target_params` (in log)."""
+    """The width the rule allows (a multiple of head_dim · GQA group) whose parameter count is nearest
+    `target_params` (in log)."""
     if not target_params > 0:
         raise ConfigError(f"target parameter count must be positive, got {target_params}")
-    cfg = load_config(config, list(overrides))
-    group = cfg.model.n_heads // cfg.kv_heads if cfg.model.n_kv_heads is not None else 1
-    step = cfg.head_dim * group
+    step = width_step(load_config(config, list(overrides)))
     best, best_gap, width = step, math.inf, step
     while True:
         params = params_at(config, overrides, width)
