@@ -4,7 +4,11 @@ setup(
     name="megamu",
     version="0.1.0",
     description="DeepSpeed/Megatron-style LLM pretraining with tested muP and loss prediction (muScaling)",
-    packages=find_packages(include=["megamu", "megamu.*"]),
+    # configs/ and ds_configs/ stay at the repository root and install as megamu.configs / megamu.ds_configs,
+    # so shipped configs are found by name (megamu/shipped.py) wherever megamu is installed.
+    packages=[*find_packages(include=["megamu", "megamu.*"]), "megamu.configs", "megamu.ds_configs"],
+    package_dir={"megamu.configs": "configs", "megamu.ds_configs": "ds_configs"},
+    package_data={"megamu.configs": ["*.yaml"], "megamu.ds_configs": ["*.json"]},
     python_requires=">=3.10",
     install_requires=[
         # A range, so GPU users keep their CUDA build; CPU machines pin 2.13.0 in the Makefile.
@@ -27,6 +31,14 @@ setup(
     entry_points={
         "console_scripts": [
             "megamu-train=megamu.train:main",
+            "megamu-preprocess=megamu.cli.preprocess:main",
+            "megamu-train-tokenizer=megamu.cli.train_tokenizer:main",
+            "megamu-predict=megamu.cli.predict:main",
+            "megamu-sweep=megamu.cli.sweep:main",
+            "megamu-scale=megamu.cli.scale:main",
+            "megamu-coord-check=megamu.cli.coord_check:main",
+            "megamu-merge=megamu.cli.merge:main",
+            "megamu-demo=megamu.demo:main",
         ]
     },
 )

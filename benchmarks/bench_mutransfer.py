@@ -1,13 +1,13 @@
 """μTransfer check: final loss vs log2(η) at widths 64..512, under μP and under SP, on the sample corpus.
 
     python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 300] [--parallel 2]
-        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only]
+        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR]
 
-Model: configs/mup_proxy.yaml (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
+Model: the shipped mup_proxy config (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
 the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
 SP: mup.enabled=false. At width 64 (m = 1) μP and SP are the same model with the same updates (a
-tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ and
-prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept;
+tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ (or
+--figures) and prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept;
 --report-only tabulates what has finished (e.g. a wide width run at fewer η) without launching.
 """
 from __future__ import annotations
@@ -20,11 +20,8 @@ import sys
 import time
 from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from megamu.demo import prepare_sample_data  # noqa: E402
-from megamu.scaling.launch import (  # noqa: E402
+from megamu.demo import prepare_sample_data
+from megamu.scaling.launch import (
     FINAL_STATUSES,
     MetricRule,
     RunResult,
@@ -32,11 +29,12 @@ from megamu.scaling.launch import (  # noqa: E402
     previous_result,
     read_status,
 )
-from megamu.scaling.sweep import SweepPlan, best_result, run_sweep  # noqa: E402
-from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value  # noqa: E402
+from megamu.scaling.sweep import SweepPlan, best_result, run_sweep
+from megamu.scaling.sweep_plot import best_curves, plot_loss_vs_value
+from megamu.shipped import shipped_path
 
-PROXY_CONFIG = os.path.join(REPO, "configs", "mup_proxy.yaml")
-FIGURES = os.path.join(REPO, "benchmarks", "figures")
+PROXY_CONFIG = shipped_path("mup_proxy")
+FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")  # beside this script, in the checkout
 BASE_WIDTH = 64
 WIDTHS = [32, 64, 128, 256]
 LOG2_LRS = [-10, -9, -8, -7, -6, -5]
@@ -121,6 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--log2-lrs", default=",".join(map(str, LOG2_LRS)))
     parser.add_argument("--report-only", action="store_true",
                         help="launch nothing: tabulate and plot the runs that finished (n/a for the others)")
+    parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
@@ -139,10 +138,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         adopt_shared_runs(mup_dir, sp_plan)
         sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
-    os.makedirs(FIGURES, exist_ok=True)
+    os.makedirs(args.figures, exist_ok=True)
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
-        plot_loss_vs_value(results, os.path.join(FIGURES, f"mutransfer_{name}.png"), rule.metric,
+        plot_loss_vs_value(results, os.path.join(args.figures, f"mutransfer_{name}.png"), rule.metric,
                            title=f"{label}: {score} vs log2(η), {args.steps} steps × {args.batch} sequences")
     step = min(b - a for a, b in zip(sorted(log2s), sorted(log2s)[1:]))
     lines = [*markdown("μP", mup, log2s, widths, score), "", *markdown("SP", sp, log2s, widths, score), "",

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
         [--log2-lrs=-10,-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
+        [--figures DIR]
 
 Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
 sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
@@ -24,20 +25,16 @@ import sys
 import time
 from typing import Optional
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script, so this directory is on sys.path.
+from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_data, lr_values
 
-from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_data, lr_values  # noqa: E402
-
-from megamu.config import load_config  # noqa: E402
-from megamu.scaling.fit import FitError  # noqa: E402
-from megamu.config import fill_vocab_size  # noqa: E402
-from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder  # noqa: E402
-from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all  # noqa: E402
-from megamu.scaling.plot import plot_prediction  # noqa: E402
-from megamu.scaling.predict import format_report  # noqa: E402
-from megamu.scaling.sweep import SweepPlan, run_sweep  # noqa: E402
+from megamu.config import fill_vocab_size, load_config
+from megamu.errors import FitError
+from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder
+from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all
+from megamu.scaling.plot import plot_prediction
+from megamu.scaling.predict import format_report
+from megamu.scaling.sweep import SweepPlan, run_sweep
 
 # Score: the final validation loss (the same held-out batches for every run), as in bench_mutransfer.
 RULE = MetricRule(metric="val", smooth=10)
@@ -113,7 +110,7 @@ def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace)
     for note in dropped:
         print(f"left out of the fit: {note}")
     print(format_report(report))
-    plot_prediction(report, fit, os.path.join(FIGURES, f"prediction_{name}_{args.steps}steps.png"))
+    plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{name}_{args.steps}steps.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     return report
@@ -153,6 +150,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--fit-widths", default=",".join(map(str, FIT_WIDTHS)))
     parser.add_argument("--target-width", type=int, default=TARGET_WIDTH)
     parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
     args = parser.parse_args(argv)
     args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
     args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
@@ -160,7 +158,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
                  f"train.micro_batch_size={args.batch}"]
     os.makedirs(args.out, exist_ok=True)
-    os.makedirs(FIGURES, exist_ok=True)
+    os.makedirs(args.figures, exist_ok=True)
     lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
     reports = {"mup": ladder("mup", overrides, lr, args), "sp": ladder("sp", [*overrides, "mup.enabled=false"], lr, args)}
     lines = ["| parametrization | runs fitted | held-out params (× largest fitted) | actual loss | predicted | "

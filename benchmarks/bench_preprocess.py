@@ -26,13 +26,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # runnable from a checkout, installed or not
+from megamu.data.indexed import IndexedDataset
+from megamu.data.preprocess import preprocess
+from megamu.data.sources import iter_texts
+from megamu.data.tokenizer import Tokenizer, train_tokenizer
 
-from megamu.data.indexed import IndexedDataset  # noqa: E402
-from megamu.data.preprocess import preprocess  # noqa: E402
-from megamu.data.sources import iter_texts  # noqa: E402
-from megamu.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where BENCHMARKS.md is
 SECTION = "## Data pipeline (issue 2)"
 RAW_CHUNK = 8  # texts per task when measuring the limit: small, so both processes stay busy to the end
 REPEATS = 3  # best of: other jobs share this machine's cores
@@ -98,9 +97,8 @@ print(json.dumps({"mb": s.bytes / 1e6, "main_kb": resource.getrusage(resource.RU
 
 def peak_rss(inputs: str, model: str, out_prefix: str, workers: int) -> dict:
     """Peak RSS (MB) of the main process and of the largest worker, in a fresh interpreter."""
-    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, inputs, out_prefix, model, str(workers)],
-                         env=env, check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True).stdout
     probe = json.loads(out.strip().splitlines()[-1])
     return {"input_mb": probe["mb"], "main_mb": probe["main_kb"] / 1024, "worker_mb": probe["worker_kb"] / 1024}
 

@@ -14,6 +14,7 @@ import yaml
 
 from megamu.errors import ConfigError
 from megamu.fileio import atomic_write
+from megamu.shipped import DEEPSPEED, shipped_path
 
 
 @dataclass
@@ -311,12 +312,12 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
         for prefix in data_prefixes(cfg):
             for ext in (".bin", ".idx"):
                 _require(os.path.isfile(prefix + ext),
-                         f"data.path: {prefix + ext} not found; run tools/preprocess_data.py or fix the prefix "
+                         f"data.path: {prefix + ext} not found; run megamu-preprocess or fix the prefix "
                          f"(it is the output prefix plus _<key>_document, e.g. data/sample_text_document)")
         if cfg.data.tokenizer_model is not None:
             _require(os.path.isfile(cfg.data.tokenizer_model),
                      f"data.tokenizer_model: {cfg.data.tokenizer_model} not found; train one with "
-                     f"tools/train_tokenizer.py")
+                     f"megamu-train-tokenizer")
         if t.deepspeed_config is not None:
             _require(os.path.isfile(t.deepspeed_config), f"train.deepspeed_config: {t.deepspeed_config} not found")
 
@@ -362,11 +363,20 @@ def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = 
 
     Fills model.vocab_size from the tokenizer, shortens a warm-up longer than the run to the run (a smoke
     run with train.max_steps=10 just works), validates every key and, given `world_size`, the parallel
-    layout and the global-batch rule. `need_data`: training needs data.path or data.paths.
+    layout and the global-batch rule, and finds a shipped DeepSpeed json named by train.deepspeed_config.
+    `need_data`: training needs data.path or data.paths.
     """
     notes = []
     fill_vocab_size(cfg)
     t = cfg.train
+    if t.deepspeed_config is not None and not os.path.isfile(t.deepspeed_config):
+        # A shipped json by name ("zero1") or by its checkout path ("ds_configs/zero1.json"): both work after
+        # a plain `pip install`, where no ds_configs/ folder exists beside the user's config.
+        stem = os.path.splitext(os.path.basename(t.deepspeed_config))[0]
+        try:
+            t.deepspeed_config = shipped_path(stem, DEEPSPEED)
+        except ConfigError as e:
+            raise ConfigError(f"train.deepspeed_config: {t.deepspeed_config} not found; {e}") from None
     if t.max_steps > 0 and t.warmup_steps > t.max_steps:
         notes.append(f"train.warmup_steps={t.warmup_steps} is longer than train.max_steps={t.max_steps}: "
                      f"warming up over the whole run ({t.max_steps} steps)")

@@ -14,9 +14,11 @@ import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from megamu.cli import ArgumentParser, console_script
 from megamu.data.preprocess import document_prefix, preprocess
 from megamu.data.sources import iter_texts
 from megamu.data.tokenizer import Tokenizer, train_tokenizer
+from megamu.shipped import shipped_path
 
 
 @dataclass
@@ -68,8 +70,7 @@ def show_samples(data: SampleData, count: int = 2, chars: int = 240) -> None:
 
 
 # ---- μScaling stages: sweep the proxy, transfer to a width ladder, predict the largest -------
-MUP_PROXY_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                "mup_proxy.yaml")
+MUP_PROXY = "mup_proxy"  # the shipped config
 DEMO_LRS = [2.0 ** e for e in (-9, -8, -7, -6, -5)]
 DEMO_WIDTHS = [32, 48, 64, 96, 128]
 # Runs see the same batches in the same order: the mean of the last 10 train records compares them fairly.
@@ -81,9 +82,9 @@ def sweep_proxy(data: SampleData, out_dir: str, parallel: int) -> dict:
     from megamu.scaling.launch import MetricRule
     from megamu.scaling.sweep import SweepPlan, format_best, format_table, run_sweep
 
-    banner(f"μScaling 1/3: sweep η over {len(DEMO_LRS)} values at the proxy width (configs/mup_proxy.yaml)")
+    banner(f"μScaling 1/3: sweep η over {len(DEMO_LRS)} values at the proxy width (shipped config {MUP_PROXY})")
     overrides = [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}"]
-    plan = SweepPlan(MUP_PROXY_CONFIG, overrides, [{"train.lr": lr} for lr in DEMO_LRS], [None],
+    plan = SweepPlan(shipped_path(MUP_PROXY), overrides, [{"train.lr": lr} for lr in DEMO_LRS], [None],
                      os.path.join(out_dir, "sweep"))
     rule = MetricRule(**DEMO_METRIC)
     results, summary = run_sweep(plan, rule, parallel)
@@ -103,7 +104,7 @@ def run_ladder(data: SampleData, out_dir: str, best_yaml: str, parallel: int) ->
     banner(f"μScaling 2/3: width ladder {DEMO_WIDTHS} with the transferred hyper-parameters ({best_yaml})")
     overrides = [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}",
                  *overlay_overrides(best_yaml)]
-    specs = plan_ladder(MUP_PROXY_CONFIG, overrides, DEMO_WIDTHS, TokenBudget(), os.path.join(out_dir, "ladder"))
+    specs = plan_ladder(shipped_path(MUP_PROXY), overrides, DEMO_WIDTHS, TokenBudget(), os.path.join(out_dir, "ladder"))
     rule = MetricRule(**DEMO_METRIC)
     results = run_all(specs, rule, parallel)
     print(format_ladder(results, rule))
@@ -140,8 +141,9 @@ def muscaling(data: SampleData, out_dir: str, parallel: int = 2) -> dict:
     return predict_largest(results, out_dir)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@console_script()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (runs, plots)")
     parser.add_argument("--data-dir", default="data", help="tokenizer and preprocessed sample corpus")
     parser.add_argument("--documents", type=int, default=600, help="sample-corpus files to use")
@@ -151,7 +153,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     banner("decoded samples from the memmapped dataset")
     show_samples(data)
     muscaling(data, os.path.join(args.out, "muscaling"), args.parallel)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,21 +1,26 @@
 """Training entry point.
 
-    python -m megamu.train --config configs/X.yaml [section.key=value ...] [--deepspeed_config ds_configs/zeroN.json]
+    megamu-train --config configs/X.yaml [section.key=value ...] [--deepspeed_config ds_configs/zeroN.json]
+    python -m megamu.train ...  (the same)
     deepspeed [--hostfile H] --module megamu.train --config configs/X.yaml ...
 
-Exit codes: 0 done, 1 config error (before anything is allocated), 3 stopped after
-train.max_bad_steps consecutive non-finite steps (a checkpoint was saved).
+--config is a YAML file or the name of a shipped config (tiny, llama_125m, ...), and
+--deepspeed_config a json file or a shipped name (zero0 ... zero3).
+
+Exit codes: 0 done, 2 user error (a bad config, before anything is allocated; one `error:` line),
+3 stopped after train.max_bad_steps consecutive non-finite steps (a checkpoint was saved).
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
-from megamu.config import Config, ConfigError, load_config
+from megamu.cli import ArgumentParser, console_script
+from megamu.config import Config, load_config
+from megamu.shipped import resolve_config
 from megamu.training.metrics import plot_loss_curve
 
-EXIT_CONFIG_ERROR = 1
 EXIT_DIVERGED = 3
 
 __all__ = ["main", "train", "plot_loss_curve", "parse_args"]
@@ -28,30 +33,30 @@ def train(cfg: Config) -> dict[str, Any]:
     return run_training(cfg)
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m megamu.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", help="YAML config (sections model, mup, parallel, data, train, log)")
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config or a shipped name (sections model, mup, parallel, data, "
+                                         "train, log)")
     parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                        help="DeepSpeed json (ds_configs/zeroN.json); same as train.deepspeed_config=...")
+                        help="DeepSpeed json (ds_configs/zeroN.json) or a shipped name (zeroN); same as "
+                             "train.deepspeed_config=...")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     return parser.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+@console_script()
+def main(argv: Optional[Sequence[str]] = None) -> int:
     from megamu.training.guards import TrainingDiverged
 
     args = parse_args(argv)
     overrides = list(args.overrides)
     if args.deepspeed_config:
         overrides.append(f"train.deepspeed_config={args.deepspeed_config}")
+    cfg = load_config(resolve_config(args.config), overrides)
     try:
-        cfg = load_config(args.config, overrides)
         summary = train(cfg)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
     except TrainingDiverged as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return EXIT_DIVERGED

@@ -50,7 +50,7 @@ def test_missing_data_file_names_the_key_and_the_tool(cfg, tmp_path):
     cfg.data.path = str(tmp_path / "nothing_text_document")
     message = error_of(cfg)
     assert "data.path" in message and "nothing_text_document.bin not found" in message
-    assert "preprocess_data.py" in message
+    assert "megamu-preprocess" in message
 
 
 def test_unknown_key_in_yaml_and_in_overrides(tmp_path):
@@ -105,8 +105,9 @@ def test_config_error_stops_the_entry_point_before_allocation(tmp_path, tiny_dat
     out_dir = tmp_path / "never"
     result = run_train([f"data.path={tiny_dataset_prefix}", f"data.tokenizer_model={tiny_tokenizer.model_path}",
                         "model.n_heads=3", f"train.out_dir={out_dir}"])
-    assert result.returncodes == [1]
-    assert "config error: model.n_heads=3 does not divide model.hidden_size=256" in result.ranks[0].output
+    assert result.returncodes == [2]
+    assert "error: model.n_heads=3 does not divide model.hidden_size=256" in result.ranks[0].output
+    assert "Traceback" not in result.ranks[0].output
     assert not os.path.exists(out_dir)
 
 

@@ -1,21 +1,19 @@
-"""Inputs to the loss predictor (run directories, CSV) and tools/predict_loss.py end to end."""
+"""Inputs to the loss predictor (run directories, CSV) and megamu-predict end to end."""
 import json
 import math
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from megamu.scaling.fit import FitError
+from megamu.cli import predict as predict_tool  # the tool's main, called in-process for the fast cases
+from megamu.errors import FitError
 from megamu.scaling.points import read_points_csv
 from megamu.scaling.runs import read_run_point
+from scripts import script
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "predict_loss.py")
-sys.path.insert(0, os.path.join(REPO, "tools"))
-import predict_loss  # noqa: E402  (the tool's main, called in-process for the fast cases)
+TOOL = script("megamu-predict")
 
 TOKENS_PER_STEP = 4096
 
@@ -142,7 +140,7 @@ def test_tool_end_to_end_on_run_directories(tmp_path):
         write_run(run_dir, params=n, seed=seed)
     out_json, out_png = tmp_path / "fit.json", tmp_path / "fit.png"
     result = subprocess.run(
-        [sys.executable, TOOL, *run_dirs, "--holdout", "1", "--target", "1e9", "--smooth", "5",
+        [TOOL, *run_dirs, "--holdout", "1", "--target", "1e9", "--smooth", "5",
          "--json", str(out_json), "--plot", str(out_png)],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,
     )
@@ -164,7 +162,7 @@ def test_tool_end_to_end_on_run_directories(tmp_path):
 
     missing = str(tmp_path / "no_such_run")
     os.makedirs(missing)
-    failed = subprocess.run([sys.executable, TOOL, *run_dirs[:3], missing], capture_output=True, text=True,
+    failed = subprocess.run([TOOL, *run_dirs[:3], missing], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert failed.returncode == 2
     assert f"error: run directory {missing} has no metrics.jsonl" in failed.stderr
@@ -173,9 +171,9 @@ def test_tool_end_to_end_on_run_directories(tmp_path):
 
 def test_tool_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     csv = write_csv(tmp_path / "p.csv", "name,tokens,loss\na,1e9,3.0\nb,2e9,2.9\nc,4e9,2.8\n")
-    assert predict_loss.main(["--points", csv]) == 2
+    assert predict_tool.main(["--points", csv]) == 2
     assert "missing column(s) params (or params_m)" in capsys.readouterr().err
-    assert predict_loss.main(["--points", csv, "--x", "tokens", "--holdout", "1"]) == 2
+    assert predict_tool.main(["--points", csv, "--x", "tokens", "--holdout", "1"]) == 2
     assert "2 point(s) to fit but the form has 3 parameters" in capsys.readouterr().err
 
 
@@ -186,13 +184,13 @@ def test_tool_two_variable_fit_from_csv(tmp_path, capsys):
     rows = "".join(f"{ni},{di},{li}\n" for ni, di, li in zip(n, d, loss))
     csv = write_csv(tmp_path / "nd.csv", "params,tokens,loss\n" + rows)
     out = tmp_path / "nd.json"
-    assert predict_loss.main(["--points", csv, "--two-var", "--target", "1e9", "--target-tokens", "2e10",
+    assert predict_tool.main(["--points", csv, "--two-var", "--target", "1e9", "--target-tokens", "2e10",
                               "--json", str(out)]) == 0
     two_var = json.loads(out.read_text())["two_var"]
     assert two_var["fit"]["alpha"] == pytest.approx(0.34, abs=0.01)
     assert two_var["prediction"]["loss"] == pytest.approx(1.7 + 400 / 1e9**0.34 + 410 / 2e10**0.28, rel=1e-3)
     assert "Two-variable fit" in capsys.readouterr().out
-    assert predict_loss.main(["--points", csv, "--two-var", "--target", "1e9"]) == 2
+    assert predict_tool.main(["--points", csv, "--two-var", "--target", "1e9"]) == 2
     assert "--target-tokens" in capsys.readouterr().err
 
 
@@ -201,7 +199,7 @@ def test_tool_bootstrap_interval_from_csv(tmp_path):
     loss = final_loss_law(params) + np.random.default_rng(2).normal(0, 0.01, len(params))
     csv = write_csv(tmp_path / "p.csv", "params,loss\n" + "".join(f"{n},{v}\n" for n, v in zip(params, loss)))
     out = tmp_path / "boot.json"
-    assert predict_loss.main(["--points", csv, "--holdout", "1", "--target", "1e8", "--bootstrap", "200",
+    assert predict_tool.main(["--points", csv, "--holdout", "1", "--target", "1e8", "--bootstrap", "200",
                               "--level", "0.95", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["interval_method"] == "bootstrap" and report["level"] == 0.95
@@ -217,7 +215,7 @@ def test_tool_seed_offsets_from_a_csv_seed_column(tmp_path, capsys):
     csv = write_csv(tmp_path / "seeds.csv", "params,loss,seed\n" + rows)
     out = tmp_path / "seeds.json"
     plot = tmp_path / "seeds.png"
-    assert predict_loss.main(["--points", csv, "--holdout", "1", "--seed-offsets", "--json", str(out),
+    assert predict_tool.main(["--points", csv, "--holdout", "1", "--seed-offsets", "--json", str(out),
                               "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
     assert plot.stat().st_size > 10_000

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,9 +13,8 @@ from megamu.data import preprocess as pp
 from megamu.data.indexed import IndexedDataset
 from megamu.data.sources import (MalformedInputError, ReadReport, iter_documents, resolve_inputs, sample_files)
 from conftest import TINY_DATASET_DOCS
+from scripts import script
 from test_indexed import read_mmidx_from_spec
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def write_jsonl(path, lines: list) -> str:
@@ -205,21 +203,21 @@ def test_merge_concatenates_and_sums_stats(tmp_path, tiny_tokenizer):
 
 
 def test_command_line_tools(tmp_path, tiny_tokenizer):
-    tool = os.path.join(REPO, "tools", "preprocess_data.py")
-    ok = subprocess.run([sys.executable, tool, "--input", "sample:3", "--output-prefix", str(tmp_path / "cli"),
+    tool = script("megamu-preprocess")
+    ok = subprocess.run([tool, "--input", "sample:3", "--output-prefix", str(tmp_path / "cli"),
                          "--tokenizer-model", tiny_tokenizer.model_path, "--workers", "2", "--append-eod",
                          "--no-progress"], capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "documents: read 3, written 3" in ok.stdout and "tokens/s" in ok.stdout
     assert len(IndexedDataset(str(tmp_path / "cli_text_document"))) == 3
 
-    bad = subprocess.run([sys.executable, tool, "--input", str(tmp_path / "nope.jsonl"), "--output-prefix",
+    bad = subprocess.run([tool, "--input", str(tmp_path / "nope.jsonl"), "--output-prefix",
                           str(tmp_path / "x"), "--tokenizer-model", tiny_tokenizer.model_path],
                          capture_output=True, text=True)
-    assert bad.returncode != 0 and "nope.jsonl not found" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope.jsonl not found" in bad.stderr
 
     merged = str(tmp_path / "twice_text_document")
-    both = subprocess.run([sys.executable, tool, "--merge", str(tmp_path / "cli_text_document"),
+    both = subprocess.run([tool, "--merge", str(tmp_path / "cli_text_document"),
                            str(tmp_path / "cli_text_document"), "--output-prefix", merged],
                           capture_output=True, text=True)
     assert both.returncode == 0, both.stderr

@@ -11,6 +11,7 @@ import sys
 import pytest
 import yaml
 
+from megamu.cli import sweep as sweep_tool
 from megamu.config import ConfigError, load_config
 from megamu.scaling.launch import MetricRule, RunSpec, classify
 from megamu.scaling.sweep import (
@@ -25,9 +26,6 @@ from megamu.scaling.sweep import (
 )
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(TESTS), "tools"))
-import mup_sweep  # noqa: E402
-
 FAKE = [sys.executable, os.path.join(TESTS, "fake_trainer.py")]
 
 
@@ -189,12 +187,12 @@ def test_missing_run_is_failed_not_crashed(tmp_path):
 
 def test_tool_prints_table_and_rejects_bad_input(base_config, tmp_path, calls, capsys):
     out = str(tmp_path / "tool")
-    code = mup_sweep.main(["--config", base_config, "--out", out, "--trainer", " ".join(FAKE),
-                           "--grid", "train.lr=1e-3,3e-3", "--parallel", "2", "--", "train.max_steps=6"])
+    code = sweep_tool.main(["--config", base_config, "--out", out, "--trainer", " ".join(FAKE),
+                            "--grid", "train.lr=1e-3,3e-3", "--parallel", "2", "--", "train.max_steps=6"])
     printed = capsys.readouterr().out
     assert code == 0 and "best at width 64: train.lr=0.003" in printed
     assert load_config(os.path.join(out, "best.yaml")).train.lr == pytest.approx(3e-3)
-    code = mup_sweep.main(["--config", base_config, "--out", out, "--grid", "train.lr=1e-3", "--widths", "100"])
+    code = sweep_tool.main(["--config", base_config, "--out", out, "--grid", "train.lr=1e-3", "--widths", "100"])
     assert code == 2 and "width 100 is not a positive multiple of the head dimension 16" in capsys.readouterr().err
 
 

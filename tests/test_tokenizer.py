@@ -2,10 +2,8 @@
 sentences, and clear errors for unreadable models."""
 from __future__ import annotations
 
-import os
 import pickle
 import subprocess
-import sys
 
 import pytest
 
@@ -13,6 +11,7 @@ from megamu.data.sources import iter_texts
 from megamu.data.tokenizer import (BOS_ID, EOD_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, _training_sentences,
                                    train_tokenizer)
 from conftest import TINY_DATASET_DOCS, TINY_VOCAB
+from scripts import script
 
 TRICKY = [
     "  leading spaces\n\ttab-indented\n",
@@ -90,8 +89,7 @@ def test_no_training_text(tmp_path):
 
 
 def test_command_line_tool(tmp_path):
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "train_tokenizer.py")
-    out = subprocess.run([sys.executable, tool, "--input", "sample:3", "--vocab-size", "400", "--model-prefix",
+    out = subprocess.run([script("megamu-train-tokenizer"), "--input", "sample:3", "--vocab-size", "400", "--model-prefix",
                           str(tmp_path / "cli")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "eos/eod 2" in out.stdout and "documents read 3" in out.stdout

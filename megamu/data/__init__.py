@@ -63,5 +63,5 @@ def dataset_bytes_per_token(prefix: str) -> Optional[float]:
         tokens, num_bytes = stats["tokens"], stats["bytes"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{stats_path(prefix)}: expected JSON with 'tokens' and 'bytes' ({e}); re-run "
-                         f"tools/preprocess_data.py or delete the file") from None
+                         f"megamu-preprocess or delete the file") from None
     return num_bytes / tokens if tokens else None

@@ -27,6 +27,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from megamu.errors import DataError
+
 JSON_SUFFIXES = (".jsonl", ".json")
 FILE_SUFFIXES = JSON_SUFFIXES + (".txt", ".parquet")
 SAMPLE = "sample"
@@ -67,7 +69,7 @@ class Source:
     rows: Callable[[str], Iterator[tuple[int, Any]]]
 
 
-class MalformedInputError(ValueError):
+class MalformedInputError(DataError):
     """A record that cannot be parsed; the message names file and line."""
 
 

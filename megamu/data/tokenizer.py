@@ -159,11 +159,11 @@ class Tokenizer:
 def _load(model_path: str) -> spm.SentencePieceProcessor:
     if not os.path.isfile(model_path):
         raise FileNotFoundError(f"tokenizer model {model_path} not found; train one with "
-                                f"tools/train_tokenizer.py or pass an existing SentencePiece .model")
+                                f"megamu-train-tokenizer or pass an existing SentencePiece .model")
     sp = spm.SentencePieceProcessor()
     try:
         sp.load(model_path)
     except (OSError, RuntimeError) as err:
         raise ValueError(f"tokenizer model {model_path} is not a readable SentencePiece model ({err}); "
-                         f"pass the .model file written by tools/train_tokenizer.py") from err
+                         f"pass the .model file written by megamu-train-tokenizer") from err
     return sp

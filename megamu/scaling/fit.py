@@ -37,10 +37,7 @@ from typing import Callable, Iterable, Optional, Sequence
 import numpy as np
 from scipy import optimize, stats
 
-
-class FitError(ValueError):
-    """Points that cannot be fitted, or a fit that failed; the message says why and what to do."""
-
+from megamu.errors import FitError
 
 N_PARAMS = 3
 _B_MAX = -1e-6  # b < 0 strictly: b = 0 makes a and c indistinguishable

@@ -27,6 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+from megamu.fileio import atomic_write
+from megamu.parallel.launch_env import without_launch_env
 from megamu.scaling.fit import FitError
 from megamu.scaling.runs import read_metrics, read_run_point
 
@@ -36,8 +38,6 @@ EXIT_DIVERGED = 3  # megamu.train's exit code when train.max_bad_steps non-finit
 FINAL_STATUSES = ("done", "diverged")
 LOG_TAIL_LINES = 25
 DEFAULT_TRAINER = (sys.executable, "-m", "megamu.train")
-# A launcher's own distributed variables must not leak: every run is a world of one with its own port.
-_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 @dataclass
@@ -85,11 +85,9 @@ def trainer_command(spec: RunSpec, trainer: Sequence[str] = DEFAULT_TRAINER) -> 
 
 
 def _child_env(threads: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    # A launcher's own variables must not leak: every run is a world of one with its own port.
+    env = without_launch_env(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads))
-    # The trainer must import this checkout's megamu even when it is not installed.
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -160,10 +158,9 @@ def _launch_settings(spec: RunSpec) -> dict:
 
 def _write_status(status: dict, spec: RunSpec) -> None:
     """Record `status` as the result of launching `spec` in its run directory."""
-    path = os.path.join(spec.run_dir, STATUS_FILE)
-    with open(path + ".tmp", "w") as handle:
+    # Atomic: a crash never leaves a half-written "done".
+    with atomic_write(os.path.join(spec.run_dir, STATUS_FILE)) as handle:
         json.dump({**status, "run_dir": spec.run_dir, "launch": _launch_settings(spec)}, handle, indent=1)
-    os.replace(path + ".tmp", path)  # atomic: a crash never leaves a half-written "done"
 
 
 def adopt_finished_run(source_dir: str, spec: RunSpec) -> None:

@@ -1,4 +1,4 @@
-"""The loss-prediction workflow behind tools/predict_loss.py: fit, hold out, predict, report.
+"""The loss-prediction workflow behind megamu-predict: fit, hold out, predict, report.
 
 `predict` returns the DESIGN.md "Predict" JSON (plus `level`, `interval_method`, residuals
 and, with two_var, the L(N, D) fit) and the fitted curve for plotting; `format_report` turns

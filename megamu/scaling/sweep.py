@@ -192,7 +192,7 @@ def overlay_dict(hps: dict) -> dict:
 def write_overlay(hps: dict, path: str, source: str) -> None:
     with open(path, "w") as handle:
         handle.write(f"# Best hyper-parameters of the sweep in {source}; a config overlay: pass its keys as\n"
-                     f"# overrides (tools/scale.py --overlay {os.path.basename(path)}) or load it with load_config.\n")
+                     f"# overrides (megamu-scale --overlay {os.path.basename(path)}) or load it with load_config.\n")
         yaml.safe_dump(overlay_dict(hps), handle, sort_keys=False)
 
 

@@ -1,0 +1,57 @@
+"""megamu's console scripts (setup.py's entry points): each parses its arguments, calls megamu, prints.
+
+Every script's `main` is wrapped by `console_script`, so a user error (a MegamuError, a missing file,
+an argument argparse refuses) is one `error: ...` line on stderr and exit code 2, with no traceback;
+anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+from megamu.errors import EXIT_USER_ERROR, MegamuError
+
+Main = Callable[[Optional[Sequence[str]]], int]
+
+
+class UsageError(MegamuError):
+    """A command line that argparse refused."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are UsageErrors, so they print like every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def console_script(*also: type[Exception]) -> Callable[[Main], Main]:
+    """Decorate a `main(argv) -> exit code`: MegamuError, FileNotFoundError and the exception types in
+    `also` (for library layers that still report bad input as ValueError or OSError) become one
+    `error:` line and EXIT_USER_ERROR."""
+    user_errors = (MegamuError, FileNotFoundError, *also)
+
+    def wrap(main: Main) -> Main:
+        @functools.wraps(main)
+        def run(argv: Optional[Sequence[str]] = None) -> int:
+            try:
+                return main(argv)
+            except user_errors as exc:
+                print(f"error: {one_line(exc)}", file=sys.stderr)
+                return EXIT_USER_ERROR
+        return run
+    return wrap
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type of a comma-separated list of integers (`64,128,256`)."""
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None

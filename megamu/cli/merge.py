@@ -1,0 +1,32 @@
+"""Merge a run's tensor-parallel checkpoint shards into one full state dict (torch.save'd).
+
+    megamu-merge RUN_DIR --output merged.pt [--tag global_stepN] [--target-tp 1]
+
+The result loads into a single-process `build_model(cfg)` (parallel.tensor=1). --target-tp K pads the
+vocabulary as a TP=K run would, for cutting the full tensors into another layout's shards.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from megamu.checkpoint import merge_run_checkpoint, run_config
+from megamu.cli import ArgumentParser, console_script
+
+
+@console_script()
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
+    parser.add_argument("--output", required=True, help="where to write the merged state dict (.pt)")
+    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
+    parser.add_argument("--target-tp", type=int, default=1,
+                        help="pad the vocabulary as for this TP size (default 1: a single process)")
+    args = parser.parse_args(argv)
+    shards = run_config(args.run_dir).parallel.tensor
+    merged = merge_run_checkpoint(args.run_dir, args.tag, args.target_tp)
+    torch.save(merged, args.output)
+    params = sum(t.numel() for t in merged.values())
+    print(f"merged {shards} TP shards into {len(merged)} tensors ({params:,} values) -> {args.output}")
+    return 0

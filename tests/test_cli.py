@@ -1,0 +1,120 @@
+"""Console scripts and packaging: every script answers --help from the environment's bin directory, a
+user error is one `error:` line with exit code 2, tools/*.py still run from a checkout, and a
+non-editable build ships the configs and the cli modules."""
+from __future__ import annotations
+
+import glob
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+import zipfile
+from importlib import metadata
+
+import pytest
+
+from scripts import script
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(os.path.basename(p)[:-len(".yaml")] for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
+SCRIPTS = ["megamu-train", "megamu-preprocess", "megamu-train-tokenizer", "megamu-predict", "megamu-sweep",
+           "megamu-scale", "megamu-coord-check", "megamu-merge", "megamu-demo"]
+
+
+def user_error(name: str, tmp: str) -> list[str]:
+    """A command line with one mistake a user could make, for console script `name`."""
+    missing = os.path.join(tmp, "missing")
+    return {
+        "megamu-train": ["--config", "no_such_config"],
+        "megamu-preprocess": ["--input", missing + ".jsonl", "--output-prefix", missing, "--tokenizer-model",
+                              missing + ".model"],
+        "megamu-train-tokenizer": ["--input", missing + ".jsonl", "--vocab-size", "300", "--model-prefix", missing],
+        "megamu-predict": ["--points", missing + ".csv"],
+        "megamu-sweep": ["--config", "no_such_config", "--out", missing, "--grid", "train.lr=1e-3"],
+        "megamu-scale": ["--config", "no_such_config", "--widths", "64", "--out", missing],
+        "megamu-coord-check": ["--config", "no_such_config", "--json", missing + ".json"],
+        "megamu-merge": [missing, "--output", missing + ".pt"],
+        "megamu-demo": ["--documents", "many"],
+    }[name]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """(name, "help" | "error") -> finished process; all started at once, since each import takes seconds."""
+    tmp = str(tmp_path_factory.mktemp("cli"))
+    argvs = {(name, "help"): ["--help"] for name in SCRIPTS}
+    argvs.update({(name, "error"): user_error(name, tmp) for name in SCRIPTS})
+    procs = {key: subprocess.Popen([script(key[0]), *argv], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True) for key, argv in argvs.items()}
+    return {key: (proc, *proc.communicate(timeout=300)) for key, proc in procs.items()}
+
+
+def test_setup_declares_exactly_these_console_scripts():
+    declared = {ep.name for ep in metadata.distribution("megamu").entry_points if ep.group == "console_scripts"}
+    assert declared == set(SCRIPTS), "re-run `pip install -e .` after changing setup.py"
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_help(runs, name):
+    proc, out, err = runs[(name, "help")]
+    assert proc.returncode == 0, err
+    assert out.startswith(f"usage: {name}")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_a_user_error_is_one_line_and_exit_code_2(runs, name):
+    proc, _, err = runs[(name, "error")]
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if "error" in line.lower()]
+    assert line.startswith("error: ")
+    if "no_such_config" in user_error(name, ""):  # an unknown --config name lists the shipped ones
+        assert f"shipped: {', '.join(SHIPPED)}" in line
+
+
+@pytest.mark.parametrize("tool", sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))))
+def test_checkout_tools_run_the_console_scripts(tool, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [tool, "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(tool, run_name="__main__")
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("usage:")
+
+
+def test_wheel_ships_configs_and_cli_and_resolves_configs_by_name(tmp_path):
+    source = tmp_path / "src"  # a copy: building in the checkout would leave build/ and egg-info in it
+    for part in ("megamu", "configs", "ds_configs"):
+        shutil.copytree(os.path.join(REPO, part), source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(REPO, "setup.py"), source)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("megamu-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        archive.extractall(tmp_path / "site")
+    assert {f"megamu/configs/{name}.yaml" for name in SHIPPED} <= names
+    assert {f"megamu/ds_configs/zero{stage}.json" for stage in range(4)} <= names
+    assert {f"megamu/cli/{os.path.basename(p)}" for p in glob.glob(os.path.join(REPO, "megamu", "cli", "*.py"))} <= names
+
+    # From another directory, with the unpacked wheel first on the path: the package, its configs and
+    # every entry point come from the wheel, not from the checkout.
+    probe = """
+import sys
+from importlib import metadata
+import megamu
+from megamu.config import load_config
+from megamu.shipped import DEEPSPEED, resolve_config
+site = sys.argv[1]
+assert megamu.__file__.startswith(site), megamu.__file__
+for name in ("tiny", "llama_125m"):
+    assert resolve_config(name).startswith(site)
+    load_config(resolve_config(name))
+assert resolve_config("zero2", DEEPSPEED).startswith(site)
+for ep in metadata.distribution("megamu").entry_points:
+    assert sys.modules[ep.load().__module__].__file__.startswith(site), ep
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "site")], cwd=tmp_path, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(tmp_path / "site")}, timeout=120)
+    assert run.stdout.strip() == "ok", run.stderr
