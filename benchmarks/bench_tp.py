@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from megamu import runtime
 from megamu.config import Config, load_config
 
 SECTION = "## Tensor parallelism (issue 5)"
@@ -45,8 +46,8 @@ def shape_config(shape: str, tp: int, sequence_parallel: bool, vocab: int, micro
 
 
 def device_for(tp: int) -> torch.device:
-    if torch.cuda.is_available() and torch.cuda.device_count() >= tp:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if runtime.on_cuda() and torch.cuda.device_count() >= tp:
+        return runtime.device()
     return torch.device("cpu")
 
 
@@ -164,7 +165,7 @@ class Timing:
 
 def measure(step: Callable[[], None], steps: int, tokens_per_step: int, timer: Optional[CommTimer],
             group: Optional[dist.ProcessGroup]) -> Timing:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if runtime.on_cuda() else (lambda: None)
     if group is not None:
         dist.barrier(group)
     sync()
@@ -263,7 +264,7 @@ def overhead_report(args: argparse.Namespace) -> str:
     from megamu.model import build_model
 
     lines = [_header(args, "python benchmarks/bench_tp.py --tp1-overhead"), "",
-             "One process" + (", 1 thread." if not torch.cuda.is_available() else "."), "",
+             "One process" + (", 1 thread." if not runtime.on_cuda() else "."), "",
              "| shape | model | tokens/s | TP=1 code-path overhead |", "| --- | --- | --- | --- |"]
     dev = device_for(1)
     if dev.type == "cpu":
@@ -291,7 +292,7 @@ def overhead_report(args: argparse.Namespace) -> str:
 
 
 def _header(args: argparse.Namespace, command: str) -> str:
-    on_gpu = torch.cuda.is_available()
+    on_gpu = runtime.on_cuda()
     dev = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, " \
                                                       f"{os.cpu_count()} CPU cores"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

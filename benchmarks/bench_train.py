@@ -23,8 +23,8 @@ from typing import Callable, Iterator
 
 import torch
 
+from megamu import runtime
 from megamu.config import Config, load_config
-from megamu.runtime import peak_flops
 from megamu.shipped import DEEPSPEED, shipped_path
 
 SECTION = "## Training throughput (issue 3)"
@@ -59,10 +59,6 @@ def token_batches(cfg: Config, seed: int = 0) -> Iterator[torch.Tensor]:
         yield torch.randint(0, cfg.model.vocab_size, shape, generator=gen)
 
 
-def device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def megamu_step(cfg: Config, ds_name: str) -> Callable[[int], None]:
     import copy
 
@@ -83,7 +79,7 @@ def _plain_loop(model: torch.nn.Module, groups: list[dict], cfg: Config,
     from megamu.training.schedule import apply_lr, base_lr
 
     t = cfg.train
-    dev = device()
+    dev = runtime.device()
     model.to(dev).train()
     fused = {"fused": True} if dev.type == "cuda" else {}
     optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps, **fused)
@@ -131,7 +127,7 @@ def hf_step(cfg: Config) -> Callable[[int], None]:
 
 
 def measure(step: Callable[[int], None], cfg: Config, start: int, steps: int) -> Result:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync = torch.cuda.synchronize if runtime.on_cuda() else (lambda: None)
     sync()
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(start, start + steps):
@@ -165,7 +161,7 @@ def bench_shape(shape: str, steps: int, rounds: int, warmup: int, vocab: int) ->
 
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
-    on_gpu = torch.cuda.is_available()
+    on_gpu = runtime.on_cuda()
     dev = torch.cuda.get_device_name() if on_gpu else f"{platform.processor() or platform.machine()}, " \
                                                       f"{os.cpu_count()} CPU cores"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -177,7 +173,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
              + (" MFU |" if on_gpu else ""),
              "| --- | --- | --- | --- | --- | --- |" + (" --- |" if on_gpu else "")]
     summary = []
-    peak = peak_flops("bf16").flops if on_gpu else None
+    peak = runtime.peak_flops("bf16").flops if on_gpu else None
     for r in results:
         cfg = r["cfg"]
         tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len

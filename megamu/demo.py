@@ -141,7 +141,7 @@ def muscaling(data: SampleData, out_dir: str, parallel: int = 2) -> dict:
     return predict_largest(results, out_dir)
 
 
-@console_script()
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/demo", help="demo directory (runs, plots)")

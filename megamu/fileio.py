@@ -1,13 +1,25 @@
 """Writing files so that a crash never leaves one that looks complete.
 
-`atomic_write` writes to a temporary file beside the target, flushes and fsyncs it, and renames it
-into place; until the rename the old file (or none) is what readers see.
+`atomic_write` writes to a temporary file beside the target (a name no other writer, process or thread,
+can share), flushes and fsyncs it, renames it into place and fsyncs the directory, so the rename itself
+survives a power loss; until the rename the old file (or none) is what readers see.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from typing import IO, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; read once, at import
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files readable by their owner only; a finished file gets open()'s usual permissions.
+NEW_FILE_MODE = 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -15,9 +27,11 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file for writing; on a clean exit it is fsynced and renamed to `path`."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
-    tmp = f"{path}.tmp{os.getpid()}"
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{name}.", suffix=".tmp")
     try:
-        with open(tmp, mode) as handle:
+        with os.fdopen(fd, mode) as handle:
+            os.chmod(tmp, NEW_FILE_MODE)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -26,6 +40,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+    _fsync_directory(directory)
 
 
 def atomic_replace(tmp: str, path: str) -> None:
@@ -33,3 +48,16 @@ def atomic_replace(tmp: str, path: str) -> None:
     with open(tmp, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_directory(directory: str) -> None:
+    """Make the renames in `directory` durable; skipped where a directory cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

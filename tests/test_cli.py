@@ -15,6 +15,7 @@ from importlib import metadata
 import pytest
 
 from scripts import script
+from test_smoke_run import SMALL
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(p)[:-len(".yaml")] for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
@@ -71,6 +72,28 @@ def test_a_user_error_is_one_line_and_exit_code_2(runs, name):
     assert line.startswith("error: ")
     if "no_such_config" in user_error(name, ""):  # an unknown --config name lists the shipped ones
         assert f"shipped: {', '.join(SHIPPED)}" in line
+
+
+@pytest.mark.parametrize("problem", ["corrupt stats", "empty split"])
+def test_train_reports_a_data_problem_as_one_error_line(problem, tmp_path, tiny_tokenizer, tiny_dataset_prefix):
+    """Data that passes the config checks but not training's: exit 2, one `error:` line naming it, no traceback."""
+    prefix = str(tmp_path / "copy_text_document")
+    for suffix in (".bin", ".idx"):
+        shutil.copy(tiny_dataset_prefix + suffix, prefix + suffix)
+    overrides, named = [], "copy_text_document.stats.json"
+    if problem == "corrupt stats":
+        (tmp_path / "copy_text_document.stats.json").write_text('{"tokens": 12')  # cut short
+    else:
+        overrides, named = ["data.split=0,1,0"], "'train' split no documents of"
+    proc = subprocess.run([script("megamu-train"), "--config", "tiny", *SMALL, f"data.path={prefix}",
+                           f"data.tokenizer_model={tiny_tokenizer.model_path}", f"train.out_dir={tmp_path / 'run'}",
+                           "train.max_steps=1", *overrides],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert named in line
 
 
 @pytest.mark.parametrize("tool", sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))))

@@ -13,6 +13,7 @@ from megamu.config import Config, ConfigError
 from megamu.data import build_datasets, dataset_bytes_per_token
 from megamu.data.gpt_dataset import GPTDataset, parse_split, split_document_ranges
 from megamu.data.indexed import IndexedDataset, IndexedDatasetWriter
+from megamu.errors import DataError
 
 
 def write_documents(prefix: str, documents: list[list[list[int]]]) -> IndexedDataset:
@@ -173,7 +174,7 @@ def test_build_datasets_single_prefix_default_cache_beside_data(corpus, tmp_path
     assert set(datasets["train"].document_index.tolist()) == set(range(30))
     cache_files = os.listdir(tmp_path / "index-cache")
     assert any(f.startswith("corpus_text_document_train_") and f.endswith("_shuffle_index.npy") for f in cache_files)
-    assert not [f for f in cache_files if ".tmp" in f]  # atomic_write names them PATH.tmpPID
+    assert not [f for f in cache_files if ".tmp" in f]  # atomic_write's temporaries end in .tmp
 
 
 def cache_files(directory) -> dict[str, int]:
@@ -219,8 +220,12 @@ def test_dataset_bytes_per_token(tmp_path):
     (tmp_path / "x_text_document.stats.json").write_text(json.dumps({"documents": 3, "tokens": 40, "bytes": 150}))
     assert dataset_bytes_per_token(prefix) == pytest.approx(3.75)
     (tmp_path / "x_text_document.stats.json").write_text("{not json")
-    with pytest.raises(ValueError, match="stats.json"):
+    with pytest.raises(DataError, match="x_text_document.stats.json: not a readable JSON file"):
         dataset_bytes_per_token(prefix)
+    for content in ("[40, 150]", json.dumps({"tokens": "40", "bytes": 150}), json.dumps({"bytes": 150})):
+        (tmp_path / "x_text_document.stats.json").write_text(content)
+        with pytest.raises(DataError, match="x_text_document.stats.json: expected .*delete the file"):
+            dataset_bytes_per_token(prefix)
 
 
 def _distributed_build(rank: int, world_size: int, prefix: str, cache: str, init_file: str, out_dir: str) -> None:

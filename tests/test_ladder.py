@@ -153,7 +153,7 @@ def test_an_adopted_run_is_reused_not_retrained(base_config, tmp_path, monkeypat
     (first,) = plan_ladder(base_config, [], [64], TokenBudget(steps=10), str(tmp_path / "a"))
     (done,) = run_all([first], MetricRule(smooth=1), trainer=FAKE, echo=False)
     (seeded,) = plan_ladder(base_config, ["train.seed=1234"], [64], TokenBudget(steps=10), str(tmp_path / "b"))
-    with pytest.raises(ValueError, match="launched with other settings"):  # a plain copy is refused
+    with pytest.raises(ConfigError, match="launched with other settings"):  # a plain copy is refused
         shutil.copytree(first.run_dir, seeded.run_dir)
         run_all([seeded], MetricRule(smooth=1), trainer=FAKE, echo=False)
     shutil.rmtree(seeded.run_dir)

@@ -11,7 +11,15 @@ import pytest
 from dist import REPO
 from megamu.config import ConfigError
 from megamu.parallel.hostlist import expand_hostlist, first_slurm_host
-from megamu.parallel.launch_env import PORT_BASE, PORT_SPAN, LaunchEnv, apply_launch_env, derive_launch_env, job_port
+from megamu.parallel.launch_env import (
+    PORT_BASE,
+    PORT_SPAN,
+    LaunchEnv,
+    apply_launch_env,
+    derive_launch_env,
+    job_port,
+    without_launch_env,
+)
 
 
 def parsed_first_host(hostlist: str) -> str:
@@ -43,8 +51,14 @@ def test_expand_slurm_hostlist(hostlist, hosts):
 
 @pytest.mark.parametrize("hostlist", ["n[1-2", "n1-2]", "n[[1-2]]", "n[3-1]", "n[a-b]", "n[1-]", "a,,b", ""])
 def test_malformed_hostlist_is_refused(hostlist):
-    with pytest.raises(ValueError, match="malformed host list"):
+    with pytest.raises(ConfigError, match="malformed host list"):
         expand_hostlist(hostlist)
+
+
+def test_a_malformed_node_list_names_its_variable():
+    for variable in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"):
+        with pytest.raises(ConfigError, match=f"^{variable}: malformed host list 'gpu-\\[01-02'.*MASTER_ADDR"):
+            derive(slurm(0, 2, 0, **{variable: "gpu-[01-02"}))
 
 
 def fake_scontrol(directory, script: str) -> str:
@@ -177,3 +191,19 @@ def test_apply_exports_the_torch_variables_and_is_idempotent():
     again = apply_launch_env(environ)
     assert (again.rank, again.world_size, again.local_rank, again.master_addr, again.master_port) == \
         (first.rank, first.world_size, first.local_rank, first.master_addr, first.master_port)
+
+
+def test_a_child_env_drops_rank_identity_and_keeps_the_job():
+    """A sweep's child starts as its own world, yet `--trainer "srun ..."` must still find the allocation."""
+    rank_identity = {
+        "RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "n1",
+        "MASTER_PORT": "29500", "SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_LOCALID": "3",
+        "SLURM_NODEID": "0", "SLURM_STEPID": "0", "SLURM_STEP_ID": "0", "SLURM_STEP_NODELIST": "n[1-2]",
+        "SLURM_STEP_NUM_TASKS": "8", "SLURM_GTIDS": "0,1,2,3", "SLURM_TASK_PID": "123",
+        "OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "3",
+        "PMI_RANK": "3", "PMI_SIZE": "8", "PMIX_RANK": "3", "MPI_LOCALRANKID": "3"}
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOBID": "4242", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NODELIST": "n[1-2]",
+           "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "8", "SLURM_CONF": "/etc/slurm/slurm.conf",
+           "OMPI_MCA_btl": "^openib", "PATH": "/usr/bin", "OMP_NUM_THREADS": "4"}
+    assert without_launch_env({**rank_identity, **job}) == job
+    assert derive(without_launch_env({**rank_identity, **job})) == LaunchEnv(0, 1, 0, "127.0.0.1", 0, "single")

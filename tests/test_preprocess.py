@@ -12,6 +12,7 @@ import pytest
 from megamu.data import preprocess as pp
 from megamu.data.indexed import IndexedDataset
 from megamu.data.sources import (MalformedInputError, ReadReport, iter_documents, resolve_inputs, sample_files)
+from megamu.errors import DataError
 from conftest import TINY_DATASET_DOCS
 from scripts import script
 from test_indexed import read_mmidx_from_spec
@@ -128,8 +129,19 @@ def test_parquet(tmp_path, tiny_tokenizer):
     s = run(tmp_path, [path], tiny_tokenizer)
     assert s.documents_written == 2 and s.skipped == {"missing_key": 1}
     assert tiny_tokenizer.decode(IndexedDataset(s.output_prefix)[1]) == "row three"
-    with pytest.raises(ValueError, match=r"no column 'body'; columns are \['text', 'id'\]"):
+    with pytest.raises(DataError, match=r"no column 'body'; columns are \['text', 'id'\]"):
         pp.preprocess([path], str(tmp_path / "x"), tiny_tokenizer.model_path, json_keys=["body"], progress=False)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="junk.parquet: not a readable Parquet file"):
+        list(iter_documents(resolve_inputs([str(tmp_path / "junk.parquet")])))
+
+
+def test_an_input_that_cannot_be_read_is_a_data_error(tmp_path):
+    path = write_jsonl(tmp_path / "gone.jsonl", [{"text": "x"}])
+    sources = resolve_inputs([path])
+    os.remove(path)  # gone between resolving and reading: the OSError an unreadable file gives too
+    with pytest.raises(DataError, match="input .*gone.jsonl cannot be read"):
+        list(iter_documents(sources))
 
 
 def test_local_hf_dataset_directory(tmp_path, tiny_tokenizer):
@@ -160,11 +172,11 @@ def test_max_documents_and_sample_cap(tmp_path, tiny_tokenizer):
 @pytest.mark.parametrize("case, error, message", [
     ("missing input", FileNotFoundError, "input file .*nope.jsonl not found"),
     ("empty glob", FileNotFoundError, "matched no files"),
-    ("bad sample count", ValueError, "sample:N"),
+    ("bad sample count", DataError, "sample:N"),
     ("missing tokenizer", FileNotFoundError, "absent.model not found"),
-    ("corrupt tokenizer", ValueError, "bad.model is not a readable SentencePiece model"),
+    ("corrupt tokenizer", DataError, "bad.model is not a readable SentencePiece model"),
     ("missing output dir", FileNotFoundError, "output directory .*missing does not exist"),
-    ("nothing to write", ValueError, "no documents to write for key 'text'"),
+    ("nothing to write", DataError, "no documents to write for key 'text'"),
 ])
 def test_errors_before_work(tmp_path, tiny_tokenizer, case, error, message):
     (tmp_path / "bad.model").write_bytes(b"junk")
@@ -215,6 +227,9 @@ def test_command_line_tools(tmp_path, tiny_tokenizer):
                           str(tmp_path / "x"), "--tokenizer-model", tiny_tokenizer.model_path],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope.jsonl not found" in bad.stderr
+    bad = subprocess.run([tool, "--input", "sample:x", "--output-prefix", str(tmp_path / "x"), "--tokenizer-model",
+                          tiny_tokenizer.model_path], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
     merged = str(tmp_path / "twice_text_document")
     both = subprocess.run([tool, "--merge", str(tmp_path / "cli_text_document"),

@@ -57,7 +57,13 @@ def test_measured_peak_is_positive_finite_and_cached(dtype):
     assert runtime.measured_peak_flops.cache_info().hits == 1
 
 
-def test_cpu_peak_is_measured_in_the_run_dtype():
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """This process as a CPU-only machine, also where a GPU is present."""
+    monkeypatch.setattr(runtime, "on_cuda", lambda: False)
+
+
+def test_cpu_peak_is_measured_in_the_run_dtype(no_cuda):
     peak = runtime.peak_flops("bf16")
     assert peak.source == "measured"
     assert peak.flops == runtime.measured_peak_flops(torch.bfloat16, "cpu")
@@ -67,7 +73,7 @@ def test_mfu_is_model_flops_over_the_peak_of_every_device():
     assert mfu(tokens_per_s=1000.0, flops_per_token=6e9, world_size=4, peak_flops=1e12) == pytest.approx(1.5)
 
 
-def test_cpu_policy():
+def test_cpu_policy(no_cuda):
     assert runtime.device() == torch.device("cpu")
     assert runtime.backend() == "gloo"
     assert runtime.train_dtype("auto") == "fp32"

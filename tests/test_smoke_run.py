@@ -6,6 +6,7 @@ import json
 import math
 import os
 import subprocess
+from typing import Optional
 
 from scripts import script
 
@@ -15,12 +16,13 @@ SMALL = ["model.hidden_size=32", "model.n_layers=1", "model.n_heads=2", "model.n
          "log.interval=1", "log.progress_bar=false"]
 
 
-def train(tmp_path, tokenizer, prefix, *overrides: str) -> tuple[subprocess.CompletedProcess, str]:
+def train(tmp_path, tokenizer, prefix, *overrides: str,
+          env: Optional[dict[str, str]] = None) -> tuple[subprocess.CompletedProcess, str]:
     run_dir = str(tmp_path / "run")
     result = subprocess.run([script("megamu-train"), "--config", "tiny", *SMALL, f"data.path={prefix}",
                              f"data.tokenizer_model={tokenizer.model_path}", f"train.out_dir={run_dir}", *overrides],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     assert result.returncode == 0, result.stdout + result.stderr
     return result, run_dir
 
@@ -42,7 +44,9 @@ def test_a_shipped_config_with_a_longer_warmup_runs_and_says_so_once(tmp_path, t
 
 
 def test_bf16_on_cpu_trains_through_deepspeeds_bf16_mode(tmp_path, tiny_tokenizer, tiny_dataset_prefix):
-    _, run_dir = train(tmp_path, tiny_tokenizer, tiny_dataset_prefix, "train.max_steps=2", "train.dtype=bf16")
+    # No GPU visible, also on a CUDA machine: this is the CPU accelerator's bf16 path.
+    _, run_dir = train(tmp_path, tiny_tokenizer, tiny_dataset_prefix, "train.max_steps=2", "train.dtype=bf16",
+                       env={"CUDA_VISIBLE_DEVICES": ""})
     meta, *rest = records(run_dir)
     assert meta["dtype"] == "bf16" and meta["peak_source"] == "measured" and meta["peak_flops"] > 0
     losses = [r["loss"] for r in rest if r["kind"] == "train"]

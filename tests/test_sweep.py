@@ -110,8 +110,8 @@ def test_resume_refuses_a_finished_run_launched_with_other_settings(base_config,
     sweep(base_config, out, ["train.lr=1e-3"])
     points = grid_points([parse_axis("train.lr=1e-3", allow_range=False)])
     changed = SweepPlan(base_config, ["train.max_steps=10", "mup.output_mult=4"], points, [None], out)
-    with pytest.raises(ValueError, match=r"lr-0.001 holds a finished run launched with other settings "
-                                         r"\(differences: mup.output_mult=4\)"):
+    with pytest.raises(ConfigError, match=r"lr-0.001 holds a finished run launched with other settings "
+                                          r"\(differences: mup.output_mult=4\)"):
         run_sweep(changed, MetricRule("train", smooth=3), parallel=1, trainer=FAKE, echo=False)
 
 
@@ -166,6 +166,7 @@ def test_run_names_are_unique_and_readable():
     ("train.lr=1e-4:1e-2", False, "needs --random"),
     ("train.lr=1e-2:1e-4", True, "0 < LOW < HIGH"),
     ("train.lr=1e-3,1e-3", False, "repeats a value"),
+    ("log.wandb_project=[oops", False, "a value is neither a number nor a YAML scalar"),
 ])
 def test_bad_axis_messages(spec, allow_range, message):
     with pytest.raises(ConfigError, match=message):

@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from megamu.data.sources import iter_texts
+from megamu.errors import DataError
 from megamu.data.tokenizer import (BOS_ID, EOD_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer, _training_sentences,
                                    train_tokenizer)
 from conftest import TINY_DATASET_DOCS, TINY_VOCAB
@@ -74,17 +75,17 @@ def test_missing_model_names_path(tmp_path):
 def test_corrupt_model_names_path(tmp_path):
     path = tmp_path / "garbage.model"
     path.write_bytes(b"not a sentencepiece model")
-    with pytest.raises(ValueError, match="garbage.model is not a readable SentencePiece model"):
+    with pytest.raises(DataError, match="garbage.model is not a readable SentencePiece model"):
         Tokenizer(str(path))
 
 
 def test_too_small_vocab_says_what_to_change(tmp_path):
-    with pytest.raises(ValueError, match="raise vocab_size"):
+    with pytest.raises(DataError, match="raise vocab_size"):
         train_tokenizer(["abc\n" * 10, "é漢字🙂\n"], str(tmp_path / "t"), vocab_size=100)
 
 
 def test_no_training_text(tmp_path):
-    with pytest.raises(ValueError, match="no training text"):
+    with pytest.raises(DataError, match="no training text"):
         train_tokenizer([], str(tmp_path / "t"), vocab_size=300)
 
 

@@ -27,22 +27,17 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-def console_script(*also: type[Exception]) -> Callable[[Main], Main]:
-    """Decorate a `main(argv) -> exit code`: MegamuError, FileNotFoundError and the exception types in
-    `also` (for library layers that still report bad input as ValueError or OSError) become one
-    `error:` line and EXIT_USER_ERROR."""
-    user_errors = (MegamuError, FileNotFoundError, *also)
-
-    def wrap(main: Main) -> Main:
-        @functools.wraps(main)
-        def run(argv: Optional[Sequence[str]] = None) -> int:
-            try:
-                return main(argv)
-            except user_errors as exc:
-                print(f"error: {one_line(exc)}", file=sys.stderr)
-                return EXIT_USER_ERROR
-        return run
-    return wrap
+def console_script(main: Main) -> Main:
+    """Decorate a `main(argv) -> exit code`: a MegamuError or FileNotFoundError becomes one `error:` line and
+    EXIT_USER_ERROR; any other exception is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def run(argv: Optional[Sequence[str]] = None) -> int:
+        try:
+            return main(argv)
+        except (MegamuError, FileNotFoundError) as exc:
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return EXIT_USER_ERROR
+    return run
 
 
 def one_line(exc: BaseException) -> str:

@@ -33,8 +33,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-# The data reader and run_coord_check still report bad input (a short dataset, --seeds 0) as ValueError.
-@console_script(ValueError)
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     cfg = load_config(resolve_config(args.config), args.overrides)

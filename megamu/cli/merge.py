@@ -1,4 +1,4 @@
-"""Merge a run's tensor-parallel checkpoint shards into one full state dict (torch.save'd).
+"""Merge a run's tensor- and pipeline-parallel checkpoint shards into one full state dict (torch.save'd).
 
     megamu-merge RUN_DIR --output merged.pt [--tag global_stepN] [--target-tp 1]
 
@@ -15,7 +15,7 @@ from megamu.checkpoint import merge_run_checkpoint, run_config
 from megamu.cli import ArgumentParser, console_script
 
 
-@console_script()
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
@@ -24,9 +24,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--target-tp", type=int, default=1,
                         help="pad the vocabulary as for this TP size (default 1: a single process)")
     args = parser.parse_args(argv)
-    shards = run_config(args.run_dir).parallel.tensor
+    parallel = run_config(args.run_dir).parallel
     merged = merge_run_checkpoint(args.run_dir, args.tag, args.target_tp)
     torch.save(merged, args.output)
     params = sum(t.numel() for t in merged.values())
-    print(f"merged {shards} TP shards into {len(merged)} tensors ({params:,} values) -> {args.output}")
+    stages = f" x {parallel.pipeline} pipeline stages" if parallel.pipeline > 1 else ""
+    print(f"merged {parallel.tensor} TP shards{stages} into {len(merged)} tensors ({params:,} values) -> {args.output}")
     return 0

@@ -46,7 +46,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-@console_script()
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

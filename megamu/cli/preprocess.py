@@ -35,8 +35,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-# The readers and writers still report bad input as ValueError, and unwritable outputs as OSError.
-@console_script(OSError, ValueError)
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.merge:

@@ -71,8 +71,7 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-# The launcher still reports a reused run directory or a bad --parallel as ValueError.
-@console_script(ValueError)
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     config = resolve_config(args.config)

@@ -27,8 +27,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# The readers and SentencePiece training still report bad input as ValueError, unwritable outputs as OSError.
-@console_script(OSError, ValueError)
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     report = ReadReport()

@@ -5,7 +5,6 @@ only); the torch-facing sampler lives in megamu.data.sampler.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional, Union
 
@@ -14,6 +13,7 @@ from megamu.data.blended import BlendedDataset, build_blended_dataset
 from megamu.data.gpt_dataset import SPLIT_NAMES, GPTDataset, split_document_ranges
 from megamu.data.index_cache import default_cache_dir
 from megamu.data.indexed import IndexedDataset
+from megamu.errors import DataError
 
 Dataset = Union[GPTDataset, BlendedDataset]
 
@@ -56,12 +56,11 @@ def dataset_bytes_per_token(prefix: str) -> Optional[float]:
     # Imported here: preprocess pulls in the tokenizer, which plain dataset users do not need.
     from megamu.data.preprocess import read_stats, stats_path
 
-    try:
-        stats = read_stats(prefix)
-        if stats is None:
-            return None
-        tokens, num_bytes = stats["tokens"], stats["bytes"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{stats_path(prefix)}: expected JSON with 'tokens' and 'bytes' ({e}); re-run "
-                         f"megamu-preprocess or delete the file") from None
+    stats = read_stats(prefix)
+    if stats is None:
+        return None
+    tokens, num_bytes = stats.get("tokens"), stats.get("bytes")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (tokens, num_bytes)):
+        raise DataError(f"{stats_path(prefix)}: expected numbers under 'tokens' and 'bytes', got {tokens!r} and "
+                        f"{num_bytes!r}; re-run megamu-preprocess or delete the file")
     return num_bytes / tokens if tokens else None

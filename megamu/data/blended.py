@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from megamu.data.index_cache import cache_key, load_or_build
+from megamu.errors import ConfigError
 
 _CACHED_ARRAYS = ("dataset_index", "dataset_sample_index")
 
@@ -34,7 +35,8 @@ def build_blending_indices(weights: Sequence[float], size: int) -> dict[str, np.
     weights = normalise_weights(weights)
     num_datasets = len(weights)
     if num_datasets > np.iinfo(np.int16).max:
-        raise ValueError(f"at most {np.iinfo(np.int16).max} datasets can be blended, got {num_datasets}")
+        raise ConfigError(f"data.paths: at most {np.iinfo(np.int16).max} datasets can be blended, got "
+                          f"{num_datasets}; merge some prefixes first (megamu-preprocess --merge)")
     counts = [0] * num_datasets
     dataset_index = np.empty(size, dtype=np.int16)
     dataset_sample_index = np.empty(size, dtype=np.int64)

@@ -17,8 +17,8 @@ from typing import Optional, Protocol
 
 import numpy as np
 
-from megamu.config import ConfigError
 from megamu.data.index_cache import cache_key, default_cache_dir, load_or_build
+from megamu.errors import ConfigError, DataError
 
 SPLIT_NAMES = ("train", "valid", "test")
 _CACHED_ARRAYS = ("document_index", "sample_index", "shuffle_index")
@@ -105,7 +105,7 @@ def build_gpt_indices(sizes: np.ndarray, doc_idx: np.ndarray, document_range: tu
     split_sequences = slice(int(doc_idx[start]), int(doc_idx[end]))
     tokens_per_epoch = int(sizes[split_sequences].sum(dtype=np.int64))
     if tokens_per_epoch == 0:
-        raise ValueError(f"documents {start}..{end - 1} hold no tokens")
+        raise DataError(f"documents {start}..{end - 1} hold no tokens; change data.split or the data")
     rng = np.random.default_rng(seed)
     epochs = num_epochs_needed(tokens_per_epoch, seq_len, num_samples)
     documents = shuffled_document_order(start, end, epochs, rng)

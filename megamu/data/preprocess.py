@@ -23,6 +23,7 @@ from tqdm import tqdm
 from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
 from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
+from megamu.errors import ConfigError, DataError
 from megamu.fileio import atomic_write
 
 CHUNK_DOCUMENTS = 256
@@ -79,6 +80,9 @@ def check_output_prefix(output_prefix: str) -> None:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"output directory {directory} does not exist (--output-prefix {output_prefix}); "
                                 f"create it first")
+    if not os.access(directory, os.W_OK):
+        raise DataError(f"output directory {directory} is not writable (--output-prefix {output_prefix}); "
+                        f"choose another prefix or fix its permissions")
 
 
 # ---- encoding (runs in worker processes, or in-process with one worker) -------------------------
@@ -153,7 +157,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: str,
                progress: bool = True) -> dict[str, PreprocessSummary]:
     """Tokenize `inputs` into PREFIX_<key>_document.{bin,idx} (+ .stats.json) for each key."""
     if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
     if not json_keys:
         raise ValueError("json_keys is empty; pass at least one key, e.g. text")
     check_output_prefix(output_prefix)
@@ -195,7 +199,7 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
         bar.close()
         if written == 0:
             first = ", ".join(f"{r} first at {w}" for r, w in report.first_skipped.items())
-            raise ValueError(f"no documents to write for key {key!r} (skipped: {dict(report.skipped)}"
+            raise DataError(f"no documents to write for key {key!r} (skipped: {dict(report.skipped)}"
                              f"{'; ' + first if first else ''}); check the inputs and --json-keys")
     summary = PreprocessSummary(key=key, output_prefix=data_prefix,
                                 documents_read=written + sum(report.skipped.values()), documents_written=written,
@@ -220,8 +224,16 @@ def read_stats(data_prefix: str) -> Optional[dict]:
     path = stats_path(data_prefix)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise DataError(f"{path}: not a readable JSON file ({err}); re-run megamu-preprocess or delete the "
+                        f"file") from None
+    if not isinstance(stats, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(stats).__name__}; re-run megamu-preprocess "
+                        f"or delete the file")
+    return stats
 
 
 def merge(prefixes: Sequence[str], output_prefix: str) -> Optional[dict]:

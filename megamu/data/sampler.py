@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from megamu import runtime
-from megamu.config import ConfigError
+from megamu.config import batch_accumulation
 
 
 class DistributedBatchSampler:
@@ -26,14 +26,7 @@ class DistributedBatchSampler:
 
     def __init__(self, total_samples: int, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, consumed_samples: int = 0) -> None:
-        if micro_batch_size <= 0 or dp_size <= 0:
-            raise ConfigError(f"train.micro_batch_size ({micro_batch_size}) and the data-parallel size ({dp_size}) "
-                              f"must be positive")
-        per_step = micro_batch_size * dp_size
-        if global_batch_size <= 0 or global_batch_size % per_step:
-            raise ConfigError(f"train.global_batch_size={global_batch_size} is not a positive multiple of "
-                              f"train.micro_batch_size ({micro_batch_size}) × data-parallel size ({dp_size}) = "
-                              f"{per_step}; set it to a multiple of {per_step}")
+        accumulation_steps = batch_accumulation(global_batch_size, micro_batch_size, dp_size)
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} is outside [0, {dp_size})")
         if total_samples < 0:
@@ -43,7 +36,7 @@ class DistributedBatchSampler:
         self.micro_batch_size = micro_batch_size
         self.dp_rank = dp_rank
         self.dp_size = dp_size
-        self.accumulation_steps = global_batch_size // per_step
+        self.accumulation_steps = accumulation_steps
         self._set_consumed(consumed_samples)
 
     def _set_consumed(self, consumed_samples: int) -> None:

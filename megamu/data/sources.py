@@ -94,7 +94,7 @@ def resolve_inputs(inputs: Iterable[str]) -> list[Source]:
     for spec in inputs:
         sources.extend(_resolve(spec))
     if not sources:
-        raise ValueError("no inputs given; pass files, globs, directories, `sample` or a dataset name")
+        raise DataError("no inputs given; pass files, globs, directories, `sample` or a dataset name")
     return sources
 
 
@@ -129,7 +129,7 @@ def _sample_limit(spec: str) -> Optional[int]:
         return None
     count = spec[len(SAMPLE) + 1:]
     if not count.isdigit() or int(count) == 0:
-        raise ValueError(f"input {spec!r}: write `sample` or `sample:N` with N a positive number of files")
+        raise DataError(f"input {spec!r}: write `sample` or `sample:N` with N a positive number of files")
     return int(count)
 
 
@@ -140,7 +140,7 @@ def _file_source(path: str) -> Source:
         return Source(path, "parquet", lambda key: _parquet_rows(path, key))
     if path.endswith((".txt", ".py")):
         return Source(path, "text", lambda key: _whole_file(path))
-    raise ValueError(f"input {path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
+    raise DataError(f"input {path}: unsupported file type; use one of {', '.join(FILE_SUFFIXES)}")
 
 
 def _is_saved_dataset(path: str) -> bool:
@@ -154,10 +154,10 @@ def _saved_dataset_source(path: str) -> Source:
     try:
         data = datasets.load_from_disk(path)
     except Exception as err:  # datasets raises many types; the message below is what matters
-        raise ValueError(f"input {path}: not a loadable `datasets` directory ({err})") from err
+        raise DataError(f"input {path}: not a loadable `datasets` directory ({err})") from err
     if isinstance(data, datasets.DatasetDict):
         if "train" not in data:
-            raise ValueError(f"input {path}: dataset has splits {list(data)} but no 'train'; point at one split")
+            raise DataError(f"input {path}: dataset has splits {list(data)} but no 'train'; point at one split")
         data = data["train"]
     return Source(path, "dataset", lambda key: _dataset_rows(data, path, key))
 
@@ -187,12 +187,16 @@ def _jsonl_rows(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _parquet_rows(path: str, key: str) -> Iterator[tuple[int, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
+    try:
+        table = pq.ParquetFile(path)
+    except pa.ArrowException as err:
+        raise DataError(f"input {path}: not a readable Parquet file ({err})") from err
     columns = table.schema_arrow.names
     if key not in columns:
-        raise ValueError(f"{path}: no column {key!r}; columns are {columns}; pass --json-keys with one of them")
+        raise DataError(f"{path}: no column {key!r}; columns are {columns}; pass --json-keys with one of them")
     row = 0
     for batch in table.iter_batches(columns=[key], batch_size=1024):
         for value in batch.column(0).to_pylist():
@@ -203,7 +207,7 @@ def _parquet_rows(path: str, key: str) -> Iterator[tuple[int, Any]]:
 def _dataset_rows(data: Any, name: str, key: str) -> Iterator[tuple[int, Any]]:
     features = getattr(data, "features", None)
     if features is not None and key not in features:
-        raise ValueError(f"{name}: no column {key!r}; columns are {list(features)}; pass --json-keys with one of them")
+        raise DataError(f"{name}: no column {key!r}; columns are {list(features)}; pass --json-keys with one of them")
     for row, record in enumerate(data, start=1):
         yield row, record.get(key)
 
@@ -220,8 +224,16 @@ def iter_documents(sources: Iterable[Source], key: str = "text", report: Optiona
     return itertools.islice(docs, max_documents)
 
 
+def _readable_rows(source: Source, key: str) -> Iterator[tuple[int, Any]]:
+    """The source's rows; an input the OS cannot read (permissions, a vanished file) is a DataError naming it."""
+    try:
+        yield from source.rows(key)
+    except OSError as err:
+        raise DataError(f"input {source.name} cannot be read ({err}); check that it exists and is readable") from err
+
+
 def _source_documents(source: Source, key: str, report: ReadReport, skip_bad: bool) -> Iterator[Document]:
-    for line, raw in source.rows(key):
+    for line, raw in _readable_rows(source, key):
         where = f"{source.name}:{line}"
         value = raw
         if source.kind == "jsonl":

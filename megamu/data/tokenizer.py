@@ -19,6 +19,8 @@ from typing import Iterable, Iterator, Optional, Sequence, Union
 import numpy as np
 import sentencepiece as spm
 
+from megamu.errors import ConfigError, DataError
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 EOD_ID = EOS_ID
 
@@ -64,12 +66,16 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str, vocab_size: int
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"output directory {directory} does not exist (model prefix {model_prefix}); "
                                 f"create it first")
+    if not os.access(directory, os.W_OK):
+        raise DataError(f"output directory {directory} is not writable (model prefix {model_prefix}); choose "
+                        f"another prefix or fix its permissions")
     if max_sentences <= 0:
-        raise ValueError(f"max_sentences must be positive, got {max_sentences}")
+        raise ConfigError(f"--max-sentences must be positive, got {max_sentences}")
     sentences = _training_sentences(documents, max_sentences, max_sentence_bytes)
     first = next(sentences, None)
     if first is None:
-        raise ValueError("no training text: every input document was empty or skipped")
+        raise DataError("no training text: every input document was empty or skipped; check the inputs and "
+                        "--json-keys")
 
     def all_sentences() -> Iterator[str]:
         yield first
@@ -97,7 +103,7 @@ def train_tokenizer(documents: Iterable[str], model_prefix: str, vocab_size: int
         )
     except RuntimeError as err:
         # Typically "Vocabulary size is smaller than required_chars": say what to change.
-        raise ValueError(f"SentencePiece training for {model_prefix} failed: {err}. A byte-fallback model needs "
+        raise DataError(f"SentencePiece training for {model_prefix} failed: {err}. A byte-fallback model needs "
                          f"vocab_size above 260 plus the number of distinct characters kept; raise vocab_size "
                          f"or lower character_coverage") from err
     return f"{model_prefix}.model"
@@ -126,7 +132,7 @@ class Tokenizer:
     def eod_id(self) -> int:
         """The id appended after each document: the end-of-sentence id."""
         if self._sp.eos_id() < 0:
-            raise ValueError(f"{self.model_path} defines no end-of-sentence id, so it has no end-of-document id; "
+            raise DataError(f"{self.model_path} defines no end-of-sentence id, so it has no end-of-document id; "
                              f"use a model trained with eos_id set")
         return self._sp.eos_id()
 
@@ -164,6 +170,6 @@ def _load(model_path: str) -> spm.SentencePieceProcessor:
     try:
         sp.load(model_path)
     except (OSError, RuntimeError) as err:
-        raise ValueError(f"tokenizer model {model_path} is not a readable SentencePiece model ({err}); "
+        raise DataError(f"tokenizer model {model_path} is not a readable SentencePiece model ({err}); "
                          f"pass the .model file written by megamu-train-tokenizer") from err
     return sp

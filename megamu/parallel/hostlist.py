@@ -11,16 +11,18 @@ import shutil
 import subprocess
 from itertools import product
 
+from megamu.errors import ConfigError
+
 _BRACKET = re.compile(r"\[([^\[\]]*)\]")
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Every host of a compressed Slurm host list, in order; ValueError naming the list if malformed."""
+    """Every host of a compressed Slurm host list, in order; ConfigError naming the list if malformed."""
     hosts: list[str] = []
     for item in _split_top_level(hostlist):
         pieces = _BRACKET.split(item)  # literal, range list, literal, range list, ..., literal
         if any(c in p for p in pieces[0::2] for c in "[]"):
-            raise ValueError(f"malformed host list {hostlist!r}: unbalanced or nested brackets in {item!r}")
+            raise ConfigError(f"malformed host list {hostlist!r}: unbalanced or nested brackets in {item!r}")
         choices = [[p] if i % 2 == 0 else _expand_ranges(p, hostlist) for i, p in enumerate(pieces)]
         hosts.extend("".join(parts) for parts in product(*choices))
     return hosts
@@ -36,7 +38,7 @@ def _split_top_level(hostlist: str) -> list[str]:
             start = i + 1
     items.append(hostlist[start:])
     if depth or not all(items):
-        raise ValueError(f"malformed host list {hostlist!r}")
+        raise ConfigError(f"malformed host list {hostlist!r}")
     return items
 
 
@@ -46,7 +48,7 @@ def _expand_ranges(ranges: str, hostlist: str) -> list[str]:
     for part in ranges.split(","):
         low, sep, high = part.partition("-")
         if not low.isdigit() or (sep and not high.isdigit()) or (sep and int(high) < int(low)):
-            raise ValueError(f"malformed host list {hostlist!r}: bad range {part!r}")
+            raise ConfigError(f"malformed host list {hostlist!r}: bad range {part!r}")
         out.extend(str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1))
     return out
 

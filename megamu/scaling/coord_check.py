@@ -121,7 +121,9 @@ def run_coord_check(cfg: Config, widths: Sequence[int], steps: int, batches: Seq
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size is unset: set it or data.tokenizer_model")
     if seeds < 1:
-        raise ValueError(f"seeds must be at least 1, got {seeds}")
+        raise ConfigError(f"--seeds must be at least 1, got {seeds}")
+    if not widths:
+        raise ConfigError("no widths to check: pass --widths, e.g. 64,128,256")
     totals: dict[tuple[int, int, str], float] = {}
     for width in widths:
         for offset in range(seeds):

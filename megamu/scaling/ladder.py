@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 from megamu.config import Config, ConfigError, fill_vocab_size, load_config, resolve
 from megamu.model import param_counts
 from megamu.scaling.fit import FitError
-from megamu.scaling.launch import MetricRule, RunResult, RunSpec
+from megamu.scaling.launch import MetricRule, RunResult, RunSpec, failed_run_logs
 from megamu.scaling.points import LossPoint
 from megamu.scaling.predict import predict
 from megamu.scaling.runs import read_run_point
@@ -150,8 +150,4 @@ def format_ladder(results: Sequence[RunResult], rule: MetricRule) -> str:
         value = f"{r.value:.4f}" if r.status == "done" else (r.reason.splitlines()[0][:60] if r.reason else "-")
         lines.append(f"{r.name:>12} {r.labels['params']:>10,} {r.labels['steps']:>6} "
                      f"{r.labels['tokens']:>10,}  {r.status:<8} {value}")
-    for r in results:
-        if r.status == "failed" and r.log_tail:
-            lines += ["", f"--- {r.name} failed ({r.reason}); last lines of {r.run_dir}/train.log ---",
-                      r.log_tail.rstrip()]
-    return "\n".join(lines)
+    return "\n".join(lines + failed_run_logs(results))

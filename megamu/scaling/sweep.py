@@ -24,9 +24,10 @@ from typing import Any, Optional, Sequence
 import yaml
 
 from megamu.config import Config, ConfigError, load_config
-from megamu.scaling.ladder import width_overrides
-from megamu.scaling.launch import DEFAULT_TRAINER, MetricRule, RunResult, RunSpec, run_all
+from megamu.fileio import atomic_write
+from megamu.scaling.launch import DEFAULT_TRAINER, MetricRule, RunResult, RunSpec, failed_run_logs, run_all
 from megamu.scaling.sweep_plot import plot_heatmap, plot_loss_vs_value
+from megamu.scaling.widths import width_overrides
 
 SWEEP_JSON = "sweep.json"
 SWEEP_PLOT = "sweep.png"
@@ -66,7 +67,11 @@ def parse_axis(spec: str, allow_range: bool) -> Axis:
         if not 0 < low < high:
             raise ConfigError(f"sweep axis '{spec}': log-uniform sampling needs 0 < LOW < HIGH")
         return Axis(key, low=low, high=high)
-    values = tuple(parse_value(v) for v in text.split(",") if v.strip())
+    try:
+        values = tuple(parse_value(v) for v in text.split(",") if v.strip())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"sweep axis '{spec}': a value is neither a number nor a YAML scalar ({err}); quote "
+                          f"or fix it") from None
     if not values:
         raise ConfigError(f"sweep axis '{spec}' has no values")
     if len(set(map(str, values))) != len(values):
@@ -190,7 +195,7 @@ def overlay_dict(hps: dict) -> dict:
 
 
 def write_overlay(hps: dict, path: str, source: str) -> None:
-    with open(path, "w") as handle:
+    with atomic_write(path) as handle:
         handle.write(f"# Best hyper-parameters of the sweep in {source}; a config overlay: pass its keys as\n"
                      f"# overrides (megamu-scale --overlay {os.path.basename(path)}) or load it with load_config.\n")
         yaml.safe_dump(overlay_dict(hps), handle, sort_keys=False)
@@ -228,7 +233,7 @@ def summarize(plan: SweepPlan, results: Sequence[RunResult], rule: MetricRule) -
 def write_outputs(plan: SweepPlan, results: Sequence[RunResult], rule: MetricRule) -> dict:
     """sweep.json and (when some run finished) best.yaml in the sweep directory; returns the summary."""
     summary = summarize(plan, results, rule)
-    with open(os.path.join(plan.out_dir, SWEEP_JSON), "w") as handle:
+    with atomic_write(os.path.join(plan.out_dir, SWEEP_JSON)) as handle:
         json.dump(summary, handle, indent=1)
     if summary["best"] is not None:
         write_overlay(summary["best"]["hps"], os.path.join(plan.out_dir, BEST_YAML), plan.out_dir)
@@ -244,10 +249,7 @@ def format_table(results: Sequence[RunResult], rule: MetricRule) -> str:
         rows.append([str(r.labels["width"]), *(format_value(r.labels["hps"][k]) for k in keys), r.status, value])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
-    failed = [r for r in results if r.status == "failed" and r.log_tail]
-    for r in failed:
-        lines += ["", f"--- {r.name} failed ({r.reason}); last lines of {r.run_dir}/train.log ---", r.log_tail.rstrip()]
-    return "\n".join(lines)
+    return "\n".join(lines + failed_run_logs(results))
 
 
 def format_best(summary: dict) -> str:
