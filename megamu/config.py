@@ -53,8 +53,11 @@ class MupConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    pipeline_blocks: Optional[list] = None  # transformer blocks per pipeline stage, e.g. [3, 1]; None = even split
     sequence_parallel: bool = False
     timeout_minutes: float = 10.0  # collective timeout for every process group megamu creates
+    # a peer silent this long ends every rank, naming it (seconds; 0 = off, the collective timeout still holds)
+    heartbeat_timeout_s: float = 60.0
 
 
 @dataclass
@@ -91,9 +94,14 @@ class TrainConfig:
     eval_iters: int = 4
     resume: bool = False
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping with a checkpoint
+    # after SIGTERM: seconds to finish the step and save before exiting without them (0 = no limit); keep it
+    # below the scheduler's kill wait (SLURM KillWait, 30 s by default)
+    preempt_grace_s: float = 25.0
     deepspeed_config: Optional[str] = None  # ds_configs/zeroN.json; None = ZeRO 1 (ZeRO 0 at DP=1)
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
     compile: bool = False
+    # "none", "selective" (recompute norms, attention core and MLP activation) or "full" (every block) in backward
+    activation_checkpointing: str = "none"
 
 
 @dataclass
@@ -281,19 +289,28 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
     _require(cfg.ffn_hidden_size % p.tensor == 0,
              f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
              f"set model.ffn_hidden_size to a multiple of it")
-    _require(p.pipeline == 1,
-             f"parallel.pipeline={p.pipeline}: pipeline parallelism is not built yet (every pipeline rank would "
-             f"train a duplicate of the whole model); use parallel.pipeline=1 and scale with parallel.tensor "
-             f"and data parallelism")
+    _validate_pipeline(cfg)
     _require(not (p.sequence_parallel and m.seq_len % p.tensor),
              f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
     _require(t.schedule in ("cosine", "wsd", "constant"),
              f"train.schedule must be 'cosine', 'wsd' or 'constant', got {t.schedule!r}")
     _require(t.optimizer in ("adamw", "muon"), f"train.optimizer must be 'adamw' or 'muon', got {t.optimizer!r}")
     _require(t.dtype in ("auto", "fp32", "bf16"), f"train.dtype must be 'auto', 'fp32' or 'bf16', got {t.dtype!r}")
+    _require(t.activation_checkpointing in ("none", "selective", "full"),
+             f"train.activation_checkpointing must be 'none', 'selective' or 'full', "
+             f"got {t.activation_checkpointing!r}")
+    _require(not (t.compile and t.activation_checkpointing != "none" and m.dropout > 0 and p.tensor > 1),
+             f"train.compile=true with train.activation_checkpointing={t.activation_checkpointing} cannot replay the "
+             f"per-TP-rank dropout stream (model.dropout={m.dropout}, parallel.tensor={p.tensor}) in compiled "
+             f"recomputation; set model.dropout=0, train.compile=false or train.activation_checkpointing=none")
     _require(t.micro_batch_size > 0 and t.global_batch_size > 0,
              "train.micro_batch_size and train.global_batch_size must be positive")
     _require(t.max_steps > 0, "train.max_steps must be positive")
+    _require(p.timeout_minutes > 0, f"parallel.timeout_minutes={p.timeout_minutes} must be positive")
+    _require(p.heartbeat_timeout_s >= 0,
+             f"parallel.heartbeat_timeout_s={p.heartbeat_timeout_s} must not be negative (0 turns heartbeats off)")
+    _require(t.preempt_grace_s >= 0,
+             f"train.preempt_grace_s={t.preempt_grace_s} must not be negative (0 waits for the step however long)")
     _require(0 <= t.stop_at_step <= t.max_steps,
              f"train.stop_at_step={t.stop_at_step} must lie in [0, train.max_steps={t.max_steps}] (0 = no early stop)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must not be negative")
@@ -322,6 +339,42 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
             _require(os.path.isfile(t.deepspeed_config), f"train.deepspeed_config: {t.deepspeed_config} not found")
 
 
+def _validate_pipeline(cfg: Config) -> None:
+    p, n_layers = cfg.parallel, cfg.model.n_layers
+    if p.pipeline == 1:
+        _require(p.pipeline_blocks is None or list(p.pipeline_blocks) == [n_layers],
+                 f"parallel.pipeline_blocks={p.pipeline_blocks} is set but parallel.pipeline=1; remove it or set "
+                 f"parallel.pipeline to its length")
+        return
+    _require(p.pipeline <= n_layers,
+             f"parallel.pipeline={p.pipeline} is larger than model.n_layers={n_layers}: every pipeline stage needs "
+             f"at least one transformer block; use at most {n_layers} stages")
+    if p.pipeline_blocks is not None:
+        blocks = p.pipeline_blocks
+        _require(len(blocks) == p.pipeline and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1
+                                                   for b in blocks) and sum(blocks) == n_layers,
+                 f"parallel.pipeline_blocks={blocks} must give each of the parallel.pipeline={p.pipeline} stages a "
+                 f"positive number of transformer blocks, summing to model.n_layers={n_layers} "
+                 f"(e.g. {even_pipeline_split(n_layers, p.pipeline)})")
+    # Refused rather than untested: DeepSpeed's pipeline engine with Megatron-style SP is broken upstream.
+    _require(not (p.sequence_parallel and p.tensor > 1),
+             f"parallel.sequence_parallel=true with parallel.pipeline={p.pipeline}: pipeline plus sequence "
+             f"parallelism is broken in DeepSpeed (issue 4196); set parallel.sequence_parallel=false")
+
+
+def even_pipeline_split(n_layers: int, stages: int) -> list[int]:
+    """Blocks per stage, as even as possible; the earlier stages take the remainder (the last one also
+    carries the final norm, the readout and the loss)."""
+    return [n_layers // stages + (1 if s < n_layers % stages else 0) for s in range(stages)]
+
+
+def pipeline_blocks(cfg: Config) -> list[int]:
+    """Transformer blocks on each pipeline stage: parallel.pipeline_blocks, or an even split."""
+    p = cfg.parallel
+    return list(p.pipeline_blocks) if p.pipeline_blocks is not None else even_pipeline_split(cfg.model.n_layers,
+                                                                                               p.pipeline)
+
+
 def data_parallel_size(cfg: Config, world_size: int) -> int:
     """world size / (TP × PP), or ConfigError when the model-parallel grid does not tile the world."""
     model_par = cfg.parallel.tensor * cfg.parallel.pipeline
@@ -332,14 +385,20 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
 
 
 def accumulation_steps(cfg: Config, dp_size: int) -> int:
-    """Micro batches per optimizer step on each data-parallel rank: the one global-batch divisibility rule."""
-    t = cfg.train
-    per_step = t.micro_batch_size * dp_size
-    _require(t.global_batch_size % per_step == 0,
-             f"train.global_batch_size={t.global_batch_size} is not a multiple of train.micro_batch_size "
-             f"({t.micro_batch_size}) × data-parallel size ({dp_size}) = {per_step}; set it to a multiple of "
+    """Micro batches per optimizer step on each data-parallel rank, for cfg.train's batch sizes."""
+    return batch_accumulation(cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_size)
+
+
+def batch_accumulation(global_batch_size: int, micro_batch_size: int, dp_size: int) -> int:
+    """The one global-batch rule: global batch = micro batch × data-parallel size × accumulation steps."""
+    _require(micro_batch_size > 0 and dp_size > 0,
+             f"train.micro_batch_size ({micro_batch_size}) and the data-parallel size ({dp_size}) must be positive")
+    per_step = micro_batch_size * dp_size
+    _require(global_batch_size > 0 and global_batch_size % per_step == 0,
+             f"train.global_batch_size={global_batch_size} is not a positive multiple of train.micro_batch_size "
+             f"({micro_batch_size}) × data-parallel size ({dp_size}) = {per_step}; set it to a multiple of "
              f"{per_step}")
-    return t.global_batch_size // per_step
+    return global_batch_size // per_step
 
 
 def fill_vocab_size(cfg: Config) -> None:
@@ -371,8 +430,11 @@ def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = 
     t = cfg.train
     if t.deepspeed_config is not None and not os.path.isfile(t.deepspeed_config):
         # A shipped json by name ("zero1") or by its checkout path ("ds_configs/zero1.json"): both work after
-        # a plain `pip install`, where no ds_configs/ folder exists beside the user's config.
-        stem = os.path.splitext(os.path.basename(t.deepspeed_config))[0]
+        # a plain `pip install`, where no ds_configs/ folder exists beside the user's config. Any other
+        # missing path stays an error rather than silently becoming a shipped file of the same name.
+        stem = t.deepspeed_config
+        if os.path.dirname(stem) == "ds_configs" and stem.endswith(".json"):
+            stem = os.path.basename(stem)[:-len(".json")]
         try:
             t.deepspeed_config = shipped_path(stem, DEEPSPEED)
         except ConfigError as e:

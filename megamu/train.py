@@ -7,8 +7,11 @@
 --config is a YAML file or the name of a shipped config (tiny, llama_125m, ...), and
 --deepspeed_config a json file or a shipped name (zero0 ... zero3).
 
-Exit codes: 0 done, 2 user error (a bad config, before anything is allocated; one `error:` line),
-3 stopped after train.max_bad_steps consecutive non-finite steps (a checkpoint was saved).
+Exit codes: 0 done, or stopped by SIGTERM after a step with a checkpoint (preempted; resume with
+train.resume=true), 2 user error (a bad config, before anything is allocated; one `error:` line),
+3 stopped after train.max_bad_steps consecutive non-finite steps (a checkpoint was saved), 4 another
+rank was lost (its heartbeat stopped; one `error:` line names it), 143 SIGTERM but the step and its
+checkpoint did not finish within train.preempt_grace_s.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
-@console_script()
+@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from megamu.training.guards import TrainingDiverged
 
@@ -63,7 +66,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     val = f", val loss {summary['val_loss']:.4f}" if summary["val_loss"] is not None else ""
     # A resumed run that was already complete trains no step, so it has no new train loss.
     loss = f", final loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else ""
-    print(f"done: {summary['step']} steps{loss}{val}; run dir {summary['run_dir']}")
+    ended = "preempted (SIGTERM) after" if summary["preempted"] else "done:"
+    print(f"{ended} {summary['step']} steps{loss}{val}; run dir {summary['run_dir']}")
     return 0
 
 

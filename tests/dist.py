@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -23,6 +24,7 @@ class RankResult:
     rank: int
     returncode: int
     output: str
+    ended_at: float  # time.time() when its exit was seen (ranks are waited for in rank order)
 
 
 @dataclass
@@ -73,7 +75,7 @@ def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
     try:
         for rank, proc in enumerate(procs):
             out, _ = proc.communicate(timeout=timeout)
-            results.append(RankResult(rank, proc.returncode, out))
+            results.append(RankResult(rank, proc.returncode, out, time.time()))
     finally:
         for proc in procs:
             if proc.poll() is None:

@@ -13,10 +13,14 @@ from megamu.config import resolve
 
 
 @pytest.fixture
-def cfg(tiny_tokenizer, tiny_dataset_prefix) -> Config:
-    return load_config(None, [f"data.path={tiny_dataset_prefix}", f"data.tokenizer_model={tiny_tokenizer.model_path}",
-                              "model.hidden_size=64", "model.n_heads=4", "train.micro_batch_size=2",
-                              "train.global_batch_size=8"])
+def base(tiny_tokenizer, tiny_dataset_prefix) -> list[str]:
+    return [f"data.path={tiny_dataset_prefix}", f"data.tokenizer_model={tiny_tokenizer.model_path}",
+            "model.hidden_size=64", "model.n_heads=4", "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+
+@pytest.fixture
+def cfg(base) -> Config:
+    return load_config(None, base)
 
 
 def error_of(cfg: Config, world_size: int = 1) -> str:
@@ -120,10 +124,26 @@ def test_entry_point_accepts_the_launchers_local_rank_and_overrides_anywhere():
     assert args.overrides == ["train.lr=0.1", "train.max_steps=5"]
 
 
-def test_pipeline_parallelism_is_refused_until_it_is_built(cfg):
-    cfg.parallel.pipeline = 2
-    cfg.model.n_layers = 4
-    assert "pipeline parallelism is not built yet" in error_of(cfg, world_size=2)
+def test_pipeline_parallelism_is_accepted_with_zero_0_and_1(cfg):
+    cfg.parallel.pipeline, cfg.model.n_layers, cfg.parallel.pipeline_blocks = 2, 4, [3, 1]
+    for stage in (0, 1):
+        cfg.train.deepspeed_config = f"ds_configs/zero{stage}.json"
+        resolve(cfg, world_size=2, need_data=True)
+        assert build_ds_config(cfg, 1)["zero_optimization"]["stage"] == stage
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.deepspeed_config=ds_configs/zero2.json"], "pipeline engine supports ZeRO 0 and 1 only"),
+    (["train.deepspeed_config=ds_configs/zero3.json"], "pipeline engine supports ZeRO 0 and 1 only"),
+    (["model.n_layers=1"], "parallel.pipeline=2 is larger than model.n_layers=1"),
+    (["parallel.pipeline_blocks=[3,2]"], "summing to model.n_layers=4 (e.g. [2, 2])"),
+    (["parallel.pipeline_blocks=[4]"], "each of the parallel.pipeline=2 stages"),
+    (["parallel.pipeline_blocks=[4,0]"], "a positive number of transformer blocks"),
+    (["parallel.tensor=2", "parallel.sequence_parallel=true"], "pipeline plus sequence parallelism is broken"),
+])
+def test_pipeline_config_errors(base, overrides, message):
+    cfg = load_config(None, [*base, "parallel.pipeline=2", "model.n_layers=4", *overrides])
+    assert message in error_of(cfg, world_size=4)
 
 
 def test_a_warmup_longer_than_the_run_warms_up_over_the_run_and_says_so(cfg):
@@ -132,3 +152,13 @@ def test_a_warmup_longer_than_the_run_warms_up_over_the_run_and_says_so(cfg):
     assert cfg.train.warmup_steps == 10
     assert len(notes) == 1 and "train.warmup_steps=50 is longer than train.max_steps=10" in notes[0]
     assert resolve(cfg, world_size=1, need_data=True) == []  # resolved once: nothing left to say
+
+
+def test_a_shipped_deepspeed_json_is_found_by_name_or_checkout_path_only(cfg, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ds_configs/ folder here: only the shipped package data can answer
+    for value in ("zero2", "ds_configs/zero2.json"):
+        cfg.train.deepspeed_config = value
+        resolve(cfg, world_size=1, need_data=True)
+        assert os.path.basename(cfg.train.deepspeed_config) == "zero2.json" and os.path.isfile(cfg.train.deepspeed_config)
+    cfg.train.deepspeed_config = "/my/dir/zero2.json"  # a mistyped path is not swapped for the shipped file
+    assert "train.deepspeed_config: /my/dir/zero2.json not found" in error_of(cfg)

@@ -181,7 +181,8 @@ def test_checkpoint_rng_state_restores_the_tp_stream():
     (["parallel.tensor=4", "model.n_heads=8", "model.n_kv_heads=2", "model.hidden_size=64"], None,
      "does not divide the kv heads"),
     (["parallel.tensor=2"], 3, "world size 3 is not divisible by parallel.tensor × parallel.pipeline = 2"),
-    (["parallel.tensor=2", "parallel.pipeline=2"], 8, "pipeline parallelism is not built yet"),
+    (["parallel.tensor=2", "parallel.pipeline=2"], 6, "world size 6 is not divisible by parallel.tensor × "
+                                                        "parallel.pipeline = 4"),
 ])
 def test_config_errors_for_tp_sizes_that_cannot_work(overrides, world, message):
     with pytest.raises(ConfigError, match=message):

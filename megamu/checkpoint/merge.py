@@ -1,4 +1,8 @@
-"""Tensor-parallel checkpoint shards as one full state dict, loadable by a TP=1 model.
+"""Tensor- and pipeline-parallel checkpoint shards as one full state dict, loadable by a TP=1 model.
+
+A pipeline-parallel checkpoint keeps one file per pipeline layer and TP rank; its layers are first
+renamed to the Transformer's names ("3.attn.q.weight" is "layers.3.attn.q.weight"), which gives each TP
+rank one state dict, as without pipeline parallelism.
 
 A sharded parameter is the concatenation of its shards along its partition dim (the layers'
 contiguous chunks, see `megamu.parallel.layers`); a replicated one must be identical on every rank,
@@ -13,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from megamu.checkpoint.files import load_model_shards
+from megamu.checkpoint.files import load_model_shards, load_pipeline_layers
 from megamu.checkpoint.pointer import POINTER, read_pointer
 from megamu.config import Config, load_config
 from megamu.errors import CheckpointError, ConfigError
@@ -63,15 +67,13 @@ def merge_run_checkpoint(run_dir: str, tag: Optional[str] = None, target_tp: int
     """Full state dict of checkpoint `tag` (default: the newest complete one) of the run in `run_dir`,
     with the vocabulary padded for `target_tp` (1: what a single-process model expects)."""
     cfg = run_config(run_dir)
-    if cfg.parallel.pipeline != 1:
-        raise ConfigError(f"{run_dir}: parallel.pipeline={cfg.parallel.pipeline}; merging pipeline-parallel "
-                          f"checkpoints is not supported")
     checkpoint_dir = os.path.join(run_dir, "checkpoints")
     tag = tag or read_pointer(checkpoint_dir)
     if tag is None:
         raise CheckpointError(f"{os.path.join(checkpoint_dir, POINTER)} not found: the run saved no complete "
                               f"checkpoint; pass --tag to pick one")
-    shards = load_model_shards(checkpoint_dir, tag)
+    shards = _pipeline_shards(checkpoint_dir, tag) if cfg.parallel.pipeline > 1 else load_model_shards(checkpoint_dir,
+                                                                                                       tag)
     if len(shards) != cfg.parallel.tensor:
         raise CheckpointError(f"{checkpoint_dir}/{tag} has {len(shards)} TP shard file(s) but the run's config "
                               f"says parallel.tensor={cfg.parallel.tensor}; merge the run directory the "
@@ -84,6 +86,13 @@ def merge_run_checkpoint(run_dir: str, tag: Optional[str] = None, target_tp: int
         if role in VOCAB_ROLES:
             merged[name] = _resize_vocab_rows(merged[name], target_rows)
     return merged
+
+
+def _pipeline_shards(checkpoint_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
+    """Every TP rank's state dict of a pipeline-parallel checkpoint, under the Transformer's names."""
+    from megamu.model.pipeline import logical_name  # imports deepspeed: only for pipeline checkpoints
+    return [{logical_name(layer, name): tensor for layer, state in layers.items() for name, tensor in state.items()}
+            for layers in load_pipeline_layers(checkpoint_dir, tag)]
 
 
 def _resize_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:

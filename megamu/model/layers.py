@@ -7,11 +7,17 @@ ffn/tp MLP columns; under sequence parallelism (SP) the residual stream, norms a
 TP regions hold seq_len/tp positions.
 All multipliers (attention scale, embedding and logit multipliers) are passed in: their values come from
 `megamu.model.mup`, the one place that knows μP's rules.
+
+Activation checkpointing lives in these modules, so every path that builds blocks (the plain transformer
+and the pipeline stages) gets it: a `full` block keeps only its input and is recomputed in backward; a
+`selective` block recomputes only regions of elementwise work and attention that hold no linear layer and
+no collective (its norms, the attention core and the SwiGLU product), so backward reruns no matmul of a
+weight and no communication. Both replay dropout exactly (`megamu.parallel.random.activation_checkpoint`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +27,7 @@ from torch.distributed import ProcessGroup
 from megamu.model.mup import Role, assign_linear_roles, assign_role
 from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, ParallelReadout,
                                     RowParallelLinear, TensorParallelInput, VocabParallelEmbedding, tag_parameter)
-from megamu.parallel.random import get_rng_tracker
+from megamu.parallel.random import activation_checkpoint, get_rng_tracker
 
 
 def _norm_param(shape: int, role: Role, partial_grad: bool) -> nn.Parameter:
@@ -34,6 +40,10 @@ def _norm_param(shape: int, role: Role, partial_grad: bool) -> nn.Parameter:
 def _rank_local_rng(active: bool) -> contextlib.AbstractContextManager:
     """Dropout on TP-sharded activations draws from the per-rank stream, so shards get independent masks."""
     return get_rng_tracker().fork() if active else contextlib.nullcontext()
+
+
+def _maybe_recompute(recompute: bool, function: Callable[..., torch.Tensor], *args: torch.Tensor) -> torch.Tensor:
+    return activation_checkpoint(function, *args) if recompute else function(*args)
 
 
 class ShardedDropout(nn.Dropout):
@@ -109,13 +119,17 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA.
 
     Heads are split across TP ranks: q/k/v column-parallel (rank r holds query heads r·n/tp ... and the kv
-    heads they read), o row-parallel.
+    heads they read), o row-parallel. `recompute_core`: keep only q, k, v for backward and recompute the core
+    (QK-norm, RoPE, GQA expansion, SDPA with its dropout), so its fp32 RoPE copies, the rotated q and k,
+    the attention output and, without a flash kernel, the T×T probabilities and dropout mask are not kept.
     """
 
     def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, scale: float,
                  qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float,
-                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False,
+                 recompute_core: bool = False) -> None:
         super().__init__()
+        self.recompute_core = recompute_core
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = hidden_size // n_heads
         self.scale = scale
@@ -144,6 +158,11 @@ class Attention(nn.Module):
         q = self.q(x).view(batch, seq_len, -1, self.head_dim)
         k = self.k(x).view(batch, seq_len, -1, self.head_dim)
         v = self.v(x).view(batch, seq_len, -1, self.head_dim)
+        return self.o(_maybe_recompute(self.recompute_core, self._core, q, k, v))
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[B, T, heads, head_dim] q, k, v → attention output [B, T, heads·head_dim], the input of o."""
+        batch, seq_len = q.shape[:2]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope is not None:
@@ -156,15 +175,21 @@ class Attention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         with _rank_local_rng(self.heads_are_sharded and dropout > 0):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout)
-        return self.o(out.transpose(1, 2).reshape(batch, seq_len, -1))
+        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
 
 
 class SwiGLU(nn.Module):
-    """Llama MLP: down(silu(gate(x)) · up(x))."""
+    """Llama MLP: down(silu(gate(x)) · up(x)). `recompute_activation`: keep gate(x) and up(x) for backward
+    and recompute the product, so silu(gate(x)) (ffn wide) is not kept."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, *, group: Optional[ProcessGroup] = None,
-                 sequence_parallel: bool = False) -> None:
+                 sequence_parallel: bool = False, recompute_activation: bool = False) -> None:
         super().__init__()
+        self.recompute_activation = recompute_activation
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.enter = TensorParallelInput(**tp)
         self.gate = ColumnParallelLinear(hidden_size, ffn_hidden_size, input_is_parallel=True, **tp)
@@ -176,11 +201,12 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(_maybe_recompute(self.recompute_activation, _swiglu, self.gate(x), self.up(x)))
 
 
 class GeluMLP(nn.Module):
-    """GPT-2 MLP: down(gelu(up(x))) with biases."""
+    """GPT-2 MLP: down(gelu(up(x))) with biases. Nothing to recompute selectively: GELU's backward needs only
+    its input, and its output is kept by `down` anyway."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, *, group: Optional[ProcessGroup] = None,
                  sequence_parallel: bool = False) -> None:
@@ -199,18 +225,26 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(x)).
 
     `sequence_sharded`: x holds this TP rank's slice of the sequence (SP), so dropout masks are per rank.
+    `recompute_block`: keep only the block's input for backward and recompute the whole block (its
+    collectives included). `recompute_norms`: keep the norms' inputs and recompute them (their fp32
+    intermediates are not kept).
     """
 
     def __init__(self, attention: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
-                 dropout: float, sequence_sharded: bool = False) -> None:
+                 dropout: float, sequence_sharded: bool = False, *, recompute_block: bool = False,
+                 recompute_norms: bool = False) -> None:
         super().__init__()
         self.attn_norm, self.attn = attn_norm, attention
         self.mlp_norm, self.mlp = mlp_norm, mlp
         self.dropout = ShardedDropout(dropout, sequence_sharded)
+        self.recompute_block, self.recompute_norms = recompute_block, recompute_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
-        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return _maybe_recompute(self.recompute_block, self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(_maybe_recompute(self.recompute_norms, self.attn_norm, x)))
+        return x + self.dropout(self.mlp(_maybe_recompute(self.recompute_norms, self.mlp_norm, x)))
 
 
 class EmbeddingLayer(nn.Module):

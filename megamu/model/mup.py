@@ -164,11 +164,15 @@ def init_parameter(param: nn.Parameter, module: nn.Module, name: str, cfg: Confi
     param.copy_(local)
 
 
-def init_weights(model: nn.Module, cfg: Config) -> None:
-    """Initialise every parameter of `model` by μP's (or SP's) rule for its role, seeded by cfg.train.seed."""
+def init_weights(model: nn.Module, cfg: Config, prefix: str = "") -> None:
+    """Initialise every parameter of `model` by μP's (or SP's) rule for its role, seeded by cfg.train.seed.
+
+    `prefix`: `model`'s qualified name inside the whole Transformer (e.g. "layers.3" for a pipeline stage's
+    block), so that a parameter's draw depends on its logical name, never on how the model is split.
+    """
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
-            qualified = f"{module_name}.{param_name}" if module_name else param_name
+            qualified = ".".join(part for part in (prefix, module_name, param_name) if part)
             init_parameter(param, module, qualified, cfg)
 
 

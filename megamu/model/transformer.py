@@ -14,7 +14,8 @@ vocab-parallel cross entropy on the sharded logits, so full logits are never gat
 """
 from __future__ import annotations
 
-from typing import Optional
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -22,39 +23,54 @@ from torch.distributed import ProcessGroup
 
 from megamu.config import Config, ConfigError
 from megamu.model import mup
-from megamu.model.layers import Attention, Block, EmbeddingLayer, GeluMLP, Readout, SwiGLU, make_norm
+from megamu.model.layers import (Attention, Block, EmbeddingLayer, GeluMLP, LayerNorm, Readout, RMSNorm, SwiGLU,
+                                 make_norm)
 from megamu.parallel.layers import register_partial_grad_allreduce
 from megamu.parallel.mappings import group_size
 
 
-def _build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> Block:
+def build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> Block:
+    """One transformer block of this TP rank, with cfg.train.activation_checkpointing applied: every builder
+    of blocks (this model, pipeline stages) calls this, so they recompute the same regions."""
     m = cfg.model
     tp = dict(group=group, sequence_parallel=sequence_parallel)
+    selective = cfg.train.activation_checkpointing == "selective"
     attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
-                          scale=mup.attention_scale(cfg), qk_norm=m.qk_norm,
-                          norm_eps=m.norm_eps, rope_theta=m.rope_theta, dropout=m.dropout, **tp)
-    mlp_class = GeluMLP if m.arch == "gpt2" else SwiGLU
-    return Block(attention, mlp_class(m.hidden_size, cfg.ffn_hidden_size, **tp),
-                 attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
+                          scale=mup.attention_scale(cfg), qk_norm=m.qk_norm, norm_eps=m.norm_eps,
+                          rope_theta=m.rope_theta, dropout=m.dropout, recompute_core=selective, **tp)
+    mlp = (GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp) if m.arch == "gpt2"
+           else SwiGLU(m.hidden_size, cfg.ffn_hidden_size, recompute_activation=selective, **tp))
+    return Block(attention, mlp, attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
                  mlp_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel), dropout=m.dropout,
-                 sequence_sharded=sequence_parallel)
+                 sequence_sharded=sequence_parallel, recompute_block=cfg.train.activation_checkpointing == "full",
+                 recompute_norms=selective)
+
+
+LayerBuilder = tuple[type[nn.Module], Callable[[], nn.Module]]
+
+
+def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> list[LayerBuilder]:
+    """(class, builder) of every layer in order: embedding, blocks, final norm, readout. The Transformer
+    builds them all; a pipeline stage builds only its own."""
+    m = cfg.model
+    sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
+    tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
+    embedding = partial(EmbeddingLayer, cfg.padded_vocab_size(), m.hidden_size,
+                        max_seq_len=m.seq_len if m.arch == "gpt2" else None,
+                        input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
+    block = partial(build_block, cfg, tp_group, sequence_parallel)
+    final_norm = partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
+    readout = partial(Readout, m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg), **tp)
+    norm_class = LayerNorm if m.arch == "gpt2" else RMSNorm
+    return [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (norm_class, final_norm), (Readout, readout)]
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: Config, tp_group: Optional[ProcessGroup] = None) -> None:
         super().__init__()
-        m = cfg.model
-        self.vocab_size = m.vocab_size
-        self.seq_len = m.seq_len
-        sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
-        tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
-        embedding = EmbeddingLayer(cfg.padded_vocab_size(), m.hidden_size,
-                                   max_seq_len=m.seq_len if m.arch == "gpt2" else None,
-                                   input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
-        blocks = [_build_block(cfg, tp_group, sequence_parallel) for _ in range(m.n_layers)]
-        final_norm = make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
-        readout = Readout(m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg), **tp)
-        self.layers = nn.ModuleList([embedding, *blocks, final_norm, readout])
+        self.vocab_size = cfg.model.vocab_size
+        self.seq_len = cfg.model.seq_len
+        self.layers = nn.ModuleList(build() for _, build in layer_builders(cfg, tp_group))
 
     def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits [B, T, V_padded] (gathered over TP), or with `labels` [B, T] the mean fp32 cross entropy
@@ -78,12 +94,17 @@ def parameter_layout(cfg: Config) -> dict[str, tuple[Optional[int], str]]:
     return {name: (p.partition_dim, p.mup_role) for name, p in model.named_parameters()}
 
 
-def _check_buildable(cfg: Config) -> None:
+def check_buildable(cfg: Config, tp_group: Optional[ProcessGroup]) -> None:
+    """ConfigError when the model cannot be built from `cfg` on a TP group of this size."""
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size is unset: set it, or let the trainer fill it from data.tokenizer_model")
     if cfg.model.arch == "llama" and cfg.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/n_heads = {cfg.head_dim}; "
                           f"change model.n_heads or model.hidden_size")
+    if group_size(tp_group) != cfg.parallel.tensor:
+        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} but the tensor-parallel group passed to "
+                          f"build_model has {group_size(tp_group)} rank(s); pass "
+                          f"get_parallel_state().get_tensor_model_parallel_group()")
 
 
 def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> Transformer:
@@ -94,11 +115,7 @@ def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> Transfo
     replicated parameters that each rank sees only part of (norms under sequence parallelism) are summed
     over it in backward.
     """
-    _check_buildable(cfg)
-    if group_size(tp_group) != cfg.parallel.tensor:
-        raise ConfigError(f"parallel.tensor={cfg.parallel.tensor} but the tensor-parallel group passed to "
-                          f"build_model has {group_size(tp_group)} rank(s); pass "
-                          f"get_parallel_state().get_tensor_model_parallel_group()")
+    check_buildable(cfg, tp_group)
     model = Transformer(cfg, tp_group)
     mup.init_weights(model, cfg)
     register_partial_grad_allreduce(model, tp_group)

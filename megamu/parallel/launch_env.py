@@ -30,15 +30,20 @@ PORT_SPAN = 12000
 LOCALHOST = "127.0.0.1"
 
 
-# What makes a process a rank of some launch: torchrun's variables and every launcher's own.
-RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-LAUNCHER_PREFIXES = ("SLURM_", "OMPI_", "PMI_", "PMIX_", "MPI_LOCAL")
+# What makes a process a rank of some launch: torchrun's variables, and each launcher's task and step
+# identity. The job's own (SLURM_JOB_ID, SLURM_JOB_NODELIST, ...) are not among them.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                  "SLURM_PROCID", "SLURM_NTASKS", "SLURM_NPROCS", "SLURM_LOCALID", "SLURM_NODEID", "SLURM_STEPID",
+                  "SLURM_GTIDS", "SLURM_TASK_PID", "PMI_RANK", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALRANKID")
+RANK_PREFIXES = ("SLURM_STEP_", "OMPI_COMM_WORLD_")
+NODELIST_VARIABLES = ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")  # first set wins
 
 
 def without_launch_env(env: Mapping[str, str]) -> dict[str, str]:
     """`env` minus every rank-identity variable, for a child that must start as its own world (a sweep's
-    runs, a test's ranks): inherited SLURM or MPI values would make it wait for peers that never come."""
-    return {k: v for k, v in env.items() if k not in RANK_VARIABLES and not k.startswith(LAUNCHER_PREFIXES)}
+    runs, a test's ranks): an inherited rank or task count would make it wait for peers that never come.
+    The job's variables stay, so a child such as `srun ...` still runs inside the allocation."""
+    return {k: v for k, v in env.items() if k not in RANK_VARIABLES and not k.startswith(RANK_PREFIXES)}
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,15 @@ def _int(env: Mapping[str, str], key: str) -> int:
 
 def _agrees_with_slurm(env: Mapping[str, str]) -> bool:
     return env.get("PMI_RANK") == env.get("SLURM_PROCID") and env.get("PMI_SIZE") == env.get("SLURM_NTASKS")
+
+
+def _first_host(env: Mapping[str, str], variable: str, first_host: Callable[[str], str]) -> str:
+    """Rank 0's host: the first of node list `variable`, which names the variable when it is malformed."""
+    try:
+        return first_host(env[variable])
+    except ConfigError as err:
+        raise ConfigError(f"{variable}: {err}; fix it, or export MASTER_ADDR=<host of rank 0> for every "
+                          f"rank") from None
 
 
 def _master(env: Mapping[str, str], world_size: int, default_addr: Optional[str],
@@ -103,9 +117,10 @@ def derive_launch_env(env: Mapping[str, str],
         launcher, default_addr, job_id = "pmi", None, None
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:  # srun sets both for every task
         rank, world, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
-        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        nodelist = next((k for k in NODELIST_VARIABLES if env.get(k)), None)
         launcher = "slurm"
-        default_addr = first_host(nodes) if world > 1 and nodes and not env.get("MASTER_ADDR") else None
+        needs_host = world > 1 and nodelist is not None and not env.get("MASTER_ADDR")
+        default_addr = _first_host(env, nodelist, first_host) if needs_host else None
         # Tasks of one step share the step id; two steps of a job running at once must not share a port.
         job_id = ".".join(env[k] for k in ("SLURM_JOB_ID", "SLURM_STEP_ID") if env.get(k)) or None
     else:

@@ -7,6 +7,10 @@ independent, as they would be for the different slices of the dense tensor. Code
 draws from a second, per-rank stream by entering `get_rng_tracker().fork()`, which swaps that stream
 into the default generator of the compute device and swaps it back on exit, leaving the default
 stream exactly where it was.
+
+`activation_checkpoint` recomputes a function in backward instead of keeping its activations, with the
+same dropout masks: torch restores the default generator for the recomputation, and the tracker's
+streams are restored here, since torch does not know them.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import contextlib
 from typing import Callable, Iterator, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
@@ -79,6 +84,27 @@ class RngStateTracker:
             self._states[name] = self._get_state()
             self._set_state(outside_state)
 
+    def replay_contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """torch.utils.checkpoint's `context_fn`: called at the forward, it snapshots every stream; its second
+        context runs the recomputation from that snapshot."""
+        # A shallow copy is a true snapshot: fork() replaces a stream's state tensor, never writes into it.
+        return contextlib.nullcontext(), _Replay(self, dict(self._states))
+
+
+class _Replay:
+    """Streams at `states` inside the block, and as they were before it afterwards. A class, not a generator:
+    each backward through a retained graph recomputes, so enters it, again."""
+
+    def __init__(self, tracker: RngStateTracker, states: dict[str, Tensor]) -> None:
+        self.tracker, self.states = tracker, states
+        self.outside: dict[str, Tensor] = {}
+
+    def __enter__(self) -> None:
+        self.outside, self.tracker._states = self.tracker._states, dict(self.states)
+
+    def __exit__(self, *exc: object) -> None:
+        self.tracker._states = self.outside
+
 
 _TRACKER: Optional[RngStateTracker] = None
 
@@ -89,6 +115,20 @@ def get_rng_tracker() -> RngStateTracker:
     if _TRACKER is None:
         _TRACKER = RngStateTracker()
     return _TRACKER
+
+
+def activation_checkpoint(function: Callable[..., Tensor], *args: Tensor) -> Tensor:
+    """function(*args) through torch's non-reentrant checkpoint: only `args` are kept for backward, which
+    reruns `function` with the default generator and every tracker stream as they were at the forward, so
+    dropout draws the same masks, and leaves them all where they were. Without grad it is a plain call."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    if torch.compiler.is_compiling():
+        # A compiled checkpoint replays the default generator itself but not the tracker's streams (its
+        # context_fn must be a dispatch mode), so the config refuses compile with TP dropout here.
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+    return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False,
+                                             context_fn=get_rng_tracker().replay_contexts)
 
 
 def seed_tensor_parallel_rng(seed: int, group: Optional[ProcessGroup]) -> None:

@@ -5,8 +5,8 @@ are neighbours (same node, fastest links) and
 
     rank = tp_rank + TP * (dp_rank + DP * pp_rank),   DP = world_size / (TP * PP).
 
-Every group is created with the configured timeout: a sub-group created without one keeps
-the backend's default, and survivors of a dead rank would block that long.
+Every group is created with the configured timeout, DeepSpeed's own included: a sub-group created
+without one keeps the backend's default, and survivors of a dead rank would block that long.
 
 Tensor-parallel layers use `get_tensor_model_parallel_group()` / `_rank()` / `_world_size()`;
 `ParallelState` is also the `mpu` object `deepspeed.initialize(mpu=...)` expects.
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 from megamu import runtime
 from megamu.parallel.launch_env import apply_launch_env
@@ -144,6 +145,18 @@ class ParallelState:
 _STATE: Optional[ParallelState] = None
 
 
+def _default_group_timeout(timeout: datetime.timedelta) -> None:
+    """Make `timeout` torch's default for groups created without one.
+
+    DeepSpeed creates groups of its own without a timeout (its pipeline grid, ZeRO and sequence-parallel
+    groups), and torch gives those its backend default, not the default group's: 30 minutes under gloo.
+    torch reads these module globals each time such a group is created.
+    """
+    distributed_c10d.default_pg_timeout = timeout
+    if distributed_c10d.default_pg_nccl_timeout is not None:  # None: torch built without NCCL
+        distributed_c10d.default_pg_nccl_timeout = timeout
+
+
 def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: float = 10.0) -> ParallelState:
     """Start torch.distributed through DeepSpeed (nccl on CUDA, gloo on CPU) and build the groups.
 
@@ -157,6 +170,7 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: flo
     # A world of one, or the ranks srun / mpirun started; without these variables DeepSpeed would look for MPI.
     apply_launch_env()
     runtime.bind_device()
+    _default_group_timeout(timeout)
     deepspeed.init_distributed(dist_backend=runtime.backend(), timeout=timeout, verbose=False)
     layout = ParallelLayout(dist.get_world_size(), tensor, pipeline)
     _STATE = ParallelState(layout, dist.get_rank(), timeout)

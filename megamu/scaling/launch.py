@@ -10,8 +10,9 @@ A run's outcome is written to RUN_DIR/run_status.json when its process exits:
             is above the divergence threshold (default: ln(vocab), no better than a uniform guess)
   failed    any other exit (crash, config error), with the tail of its log
 "done" and "diverged" are final: a resumed sweep skips them. Anything else (failed, killed
-half-way, never started) is launched again with train.resume=true, which continues from the
-run's newest checkpoint when it has one and starts afresh otherwise.
+half-way, preempted by SIGTERM (exit 0 before the last step), never started) is launched again with
+train.resume=true, which continues from the run's newest checkpoint when it has one and starts afresh
+otherwise.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Sequence
 
+from megamu.errors import ConfigError
 from megamu.fileio import atomic_write
 from megamu.parallel.launch_env import without_launch_env
 from megamu.scaling.fit import FitError
@@ -110,6 +112,16 @@ def _log_tail(run_dir: str, lines: int = LOG_TAIL_LINES) -> str:
         return "".join(handle.readlines()[-lines:])
 
 
+def failed_run_logs(results: Sequence[RunResult]) -> list[str]:
+    """Lines to print after a table of `results`: each failed run with a log, why it failed and its log's tail."""
+    lines: list[str] = []
+    for r in results:
+        if r.status == "failed" and r.log_tail:
+            lines += ["", f"--- {r.name} failed ({r.reason}); last lines of {r.run_dir}/{LOG_FILE} ---",
+                      r.log_tail.rstrip()]
+    return lines
+
+
 def classify(spec: RunSpec, returncode: Optional[int], rule: MetricRule) -> RunResult:
     """Read the run's metrics and decide done / diverged / failed (returncode None: not run by us)."""
     result = RunResult(spec.name, spec.run_dir, "failed", spec.labels, returncode=returncode)
@@ -126,7 +138,7 @@ def classify(spec: RunSpec, returncode: Optional[int], rule: MetricRule) -> RunR
         return result
     if returncode not in (0, None) or result.last_step < spec.max_steps:
         result.reason = (f"exit code {returncode}" if returncode not in (0, None)
-                         else f"stopped at step {result.last_step} of {spec.max_steps}")
+                         else f"stopped at step {result.last_step} of {spec.max_steps} (preempted or stopped early)")
         result.log_tail = _log_tail(spec.run_dir)
         return result
     try:
@@ -183,8 +195,8 @@ def previous_result(spec: RunSpec, rule: MetricRule) -> Optional[RunResult]:
     if launched is not None and launched != _launch_settings(spec):
         # Reusing it would report another model's loss under this run's name.
         changed = sorted(set(launched["overrides"]) ^ set(spec.overrides)) or [f"config {launched['config']}"]
-        raise ValueError(f"{spec.run_dir} holds a finished run launched with other settings (differences: "
-                         f"{', '.join(changed)}); delete that directory or choose another output directory")
+        raise ConfigError(f"{spec.run_dir} holds a finished run launched with other settings (differences: "
+                          f"{', '.join(changed)}); delete that directory or choose another output directory")
     return classify(spec, status.get("returncode"), rule)
 
 
@@ -198,10 +210,11 @@ def run_all(
 ) -> list[RunResult]:
     """Launch every spec without a final outcome, `parallel` at a time; return results in spec order."""
     if parallel < 1:
-        raise ValueError(f"--parallel must be at least 1, got {parallel}")
+        raise ConfigError(f"--parallel must be at least 1, got {parallel}")
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
-        raise ValueError(f"two runs would share a run directory name: {sorted(n for n in names if names.count(n) > 1)}")
+        shared = sorted(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"two runs would share a run directory name: {shared}; make the runs' values distinct")
     threads = threads or max(1, (os.cpu_count() or 1) // parallel)
     results: dict[str, RunResult] = {}
     todo = []

@@ -1,4 +1,5 @@
-"""deepspeed.initialize on megamu's model, μP param groups and process groups, wrapped for stepping."""
+"""deepspeed.initialize on megamu's model, μP param groups and process groups, wrapped for stepping
+(`parallel.pipeline > 1`: DeepSpeed's pipeline engine, megamu.training.pipeline)."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,7 +13,7 @@ from megamu.training.optim import build_optimizer, restore_lr_mults
 from megamu.training.step import NonFiniteStepGate, OptimizerStep
 
 
-def _innermost_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
+def innermost_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
     """The optimizer whose step() changes weights: ZeRO and the bf16 wrapper keep it in `.optimizer`."""
     inner = ds_optimizer
     while hasattr(inner, "optimizer") and isinstance(getattr(inner, "optimizer"), torch.optim.Optimizer):
@@ -27,6 +28,10 @@ def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Optimize
 
     if cfg.train.compile and (problem := compile_problem()):
         raise ConfigError(f"train.compile=true: {problem}; or set train.compile=false")
+    if cfg.parallel.pipeline > 1:
+        from megamu.training.pipeline import build_pipeline_engine
+
+        return build_pipeline_engine(cfg, ds_config, state)
     model = build_model(cfg, state.get_tensor_model_parallel_group())
     optimizer = build_optimizer(model, cfg)
     reference = [{"name": g["name"], "lr_mult": g["lr_mult"]} for g in optimizer.param_groups]
@@ -41,5 +46,5 @@ def build_engine(cfg: Config, ds_config: dict, state: ParallelState) -> Optimize
         engine.enable_backward_allreduce = False
     # ZeRO 1-3 compute the global grad norm (over every rank) before their inner step: the gate reuses it.
     zero_norm = (lambda: getattr(engine.optimizer, "_global_grad_norm", None)) if stage > 0 else (lambda: None)
-    gate = NonFiniteStepGate(_innermost_optimizer(ds_optimizer), state.get_data_parallel_group(), zero_norm)
+    gate = NonFiniteStepGate(innermost_optimizer(ds_optimizer), state.get_data_parallel_group(), zero_norm)
     return OptimizerStep(engine, gate, stage, cfg.train, state.get_data_parallel_group())

@@ -16,15 +16,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamu.checkpoint import load_checkpoint, save_checkpoint, tag_for
+from megamu.checkpoint import load_checkpoint, read_pointer, save_checkpoint, tag_for
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
+from megamu.errors import MegamuError
+from megamu.parallel.watchdog import start_watchdog
 from megamu.runtime import peak_flops, train_dtype
 from megamu.training.ds_config import build_ds_config, zero_stage
 from megamu.training.engine import build_engine
 from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
 from megamu.training.metrics import RunLogger, bits_per_byte, mfu, plot_loss_curve
+from megamu.training.preemption import Preemption
 from megamu.training.schedule import base_lr
-from megamu.training.step import group_mean
 
 
 def _seed_everything(seed: int) -> None:
@@ -53,6 +55,7 @@ class Progress:
     skipped_steps: int = 0
     train_losses: list = field(default_factory=list)
     last_eval: Optional[dict] = None
+    preempted: bool = False  # stopped early by SIGTERM, with a checkpoint
 
 
 class Trainer:
@@ -75,6 +78,9 @@ class Trainer:
         self.world_size = dist.get_world_size()
         self.is_writer = self.rank == 0
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        # From here on a lost peer ends this rank within the heartbeat timeout, naming the peer.
+        self.watchdog = start_watchdog(cfg.parallel.heartbeat_timeout_s)
+        self.preemption = Preemption(t.preempt_grace_s, self._resume_point)
         if self.is_writer:
             os.makedirs(t.out_dir, exist_ok=True)
             save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
@@ -87,7 +93,6 @@ class Trainer:
         self.bytes_per_token = _bytes_per_token(cfg)
         self.optimizer_step = build_engine(cfg, self.ds_config, self.state)
         self.engine = self.optimizer_step.engine  # the DeepSpeed engine: evaluation and checkpoints
-        self.device = self.engine.device
         self.tokens_per_step = t.global_batch_size * cfg.model.seq_len
         self.flops_per_token = flops_per_token(cfg)
         self.peak = peak_flops(train_dtype(t.dtype))
@@ -115,21 +120,12 @@ class Trainer:
         return sampler, make_dataloader(self.datasets[split], sampler)
 
     # ---- evaluation -----------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
         t = self.cfg.train
         if t.eval_iters <= 0 or "valid" not in self.datasets:
             return None
-        engine = self.engine
-        engine.eval()
         _, loader = self._batches("valid", t.eval_iters * t.global_batch_size)
-        total, count = 0.0, 0
-        for tokens in loader:
-            tokens = tokens.to(self.device, non_blocking=True)
-            total += float(engine(tokens[:, :-1], labels=tokens[:, 1:]))
-            count += 1
-        engine.train()
-        val_loss = group_mean(total, count, self.state.get_data_parallel_group(), self.device)
+        val_loss = self.optimizer_step.validation_loss(loader)
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.bytes_per_token)}
 
     # ---- checkpoints ----------------------------------------------------------------------
@@ -152,8 +148,27 @@ class Trainer:
         progress.skipped_steps = int(saved["skipped_steps"])
         return int(saved["sampler"]["consumed_samples"])
 
+    def _resume_point(self) -> str:
+        tag = read_pointer(self.ckpt_dir)
+        return f"checkpoint {tag} in {self.ckpt_dir}" if tag else f"no checkpoint (none complete in {self.ckpt_dir})"
+
     # ---- the run --------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train to the last step, or until SIGTERM (summary["preempted"]); every rank must call it."""
+        try:
+            with self.preemption:
+                summary = self._train()
+        except BaseException as error:
+            if self.watchdog is not None:
+                # A user error or a divergence is every rank's own; anything else may echo a lost peer.
+                self.watchdog.fail(maybe_peer_loss=not isinstance(error, (MegamuError, TrainingDiverged)))
+            raise
+        if self.watchdog is not None:
+            dist.barrier()  # every rank is done: from now on silence is not a loss
+            self.watchdog.stop()
+        return summary
+
+    def _train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         progress = Progress()
         consumed = self._resume(progress)
@@ -181,8 +196,10 @@ class Trainer:
                 if bad:
                     logger.message(f"step {progress.step}: non-finite loss or gradients (loss {loss}, grad norm "
                                    f"{grad_norm}); update skipped ({guard.consecutive} in a row)")
+                # Every rank asks every step, so all stop after the same one.
+                progress.preempted = self.preemption.agreed() and progress.step < last_step
                 logger.advance()
-                if progress.step % cfg.log.interval == 0 or progress.step == last_step:
+                if progress.step % cfg.log.interval == 0 or progress.step == last_step or progress.preempted:
                     now = time.perf_counter()
                     tokens_per_s = window_steps * self.tokens_per_step / max(now - window_start, 1e-9)
                     remaining = (last_step - progress.step) * (now - window_start) / window_steps
@@ -201,11 +218,15 @@ class Trainer:
                     progress.last_eval = self.evaluate()
                     if progress.last_eval is not None:
                         logger.log_eval({**self._counters(progress.step), **progress.last_eval})
-                if (t.save_interval and progress.step % t.save_interval == 0) or at_end:
+                if (t.save_interval and progress.step % t.save_interval == 0) or at_end or progress.preempted:
                     self._save(progress, sampler)
+                if progress.preempted:
+                    logger.message(f"stopped by SIGTERM after step {progress.step} of {last_step}; a resume "
+                                   f"(train.resume=true) continues from {self._resume_point()}")
+                    break
         finally:
             logger.close()
-        if self.is_writer:
+        if self.is_writer and not progress.preempted:  # preempted: the scheduler's kill is coming, exit now
             plot_loss_curve(t.out_dir)
         return self._summary(progress, start_step)
 
@@ -227,9 +248,10 @@ class Trainer:
                 "train_losses": progress.train_losses,
                 "final_loss": progress.train_losses[-1] if progress.train_losses else None,
                 "val_loss": evaluation.get("val_loss"), "val_bpb": evaluation.get("val_bpb"),
-                "skipped_steps": progress.skipped_steps}
+                "skipped_steps": progress.skipped_steps, "preempted": progress.preempted}
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Train per `cfg` on this rank; returns a summary (steps, tokens, flops, losses, val_loss, skipped_steps)."""
+    """Train per `cfg` on this rank; returns a summary (steps, tokens, flops, losses, val_loss, skipped_steps,
+    preempted)."""
     return Trainer(cfg).run()

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 
+from megamu import runtime
 from megamu.config import TrainConfig
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
@@ -30,6 +31,30 @@ def group_mean(total: float, count: int, group: Optional[dist.ProcessGroup], dev
     buf = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     dist.all_reduce(buf, group=group)
     return float(buf[0] / buf[1])
+
+
+def any_rank(flag: bool, group: Optional[dist.ProcessGroup]) -> bool:
+    """True on every rank of `group` when `flag` is true on at least one of them."""
+    if not dist.is_initialized():
+        return flag
+    buf = torch.tensor([float(flag)], device=runtime.device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    return buf.item() > 0.0
+
+
+def tp_grad_norm(params: Iterable[torch.nn.Parameter], first_tp_rank: bool, group: Optional[dist.ProcessGroup],
+                 device: torch.device) -> float:
+    """Global gradient norm with DeepSpeed's tensor-parallel counting rule: a sharded parameter's gradient
+    (`tensor_model_parallel`) counts on every TP rank, a replicated one only on TP rank 0; the squares are
+    summed over `group`, the ranks that together hold one model replica."""
+    grads = [p.grad for p in params
+             if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))]
+    if grads:
+        squares = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
+    else:
+        squares = torch.zeros((), dtype=torch.float32, device=device)
+    dist.all_reduce(squares, group=group)
+    return float(squares.sqrt())
 
 
 class NonFiniteStepGate:
@@ -47,28 +72,26 @@ class NonFiniteStepGate:
 
     def _gated(self, inner_step: Callable) -> Callable:
         def step(*args, **kwargs):
-            bad = self.loss_is_bad or not self._grads_finite()
+            bad = self._step_is_bad()
             self.skipped_last_step = self.skipped_last_step or bad
             if bad:
                 return None
             return inner_step(*args, **kwargs)
         return step
 
+    def _step_is_bad(self) -> bool:
+        return self.loss_is_bad or not self._grads_finite()
+
     def _grads_finite(self) -> bool:
         norm = self.known_grad_norm if self.known_grad_norm is not None else self.step_grad_norm()
         if norm is not None:
             return math.isfinite(float(norm))
-        return self._grads_finite_everywhere()
+        return not any_rank(self._local_grads_bad(), self.group)
 
-    def _grads_finite_everywhere(self) -> bool:
+    def _local_grads_bad(self) -> bool:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        device = grads[0].device if grads else torch.device("cpu")
         # One device-to-host sync for the whole model, not one per tensor.
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-        flag = (~finite).to(device=device, dtype=torch.float32).reshape(1)
-        if self.group is not None and dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return flag.item() == 0.0
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
     def begin_step(self, loss_is_bad: bool, grad_norm: Optional[float] = None) -> None:
         """Arm the gate for one optimizer step; `grad_norm`: the step's global norm if the loop has it."""
@@ -127,6 +150,19 @@ class OptimizerStep:
         skipped = loss_bad or self.gate.skipped_last_step or not is_finite(grad_norm)
         return StepOutcome(loss, grad_norm, skipped)
 
+    def validation_loss(self, batches: Iterable[torch.Tensor]) -> float:
+        """Mean loss over this rank's validation micro batches `batches`, averaged over data parallelism."""
+        engine = self.engine
+        engine.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for tokens in batches:
+                tokens = tokens.to(engine.device, non_blocking=True)
+                total += float(engine(tokens[:, :-1], labels=tokens[:, 1:]))
+                count += 1
+        engine.train()
+        return group_mean(total, count, self.dp_group, engine.device)
+
     def _zero0_grad_norm(self) -> float:
         """Global gradient norm before clipping, for ZeRO 0 where DeepSpeed does not report one.
 
@@ -135,12 +171,5 @@ class OptimizerStep:
         rank 0 (DeepSpeed's rule), and the squares are summed over the model-parallel group.
         """
         mpu = self.engine.mpu
-        first_tp_rank = mpu.get_tensor_model_parallel_rank() == 0
-        grads = [p.grad for p in self.engine.module.parameters()
-                 if p.grad is not None and (first_tp_rank or getattr(p, "tensor_model_parallel", False))]
-        if grads:
-            squares = torch.stack(torch._foreach_norm([g.float() for g in grads])).square().sum()
-        else:
-            squares = torch.zeros((), dtype=torch.float32, device=self.engine.device)
-        torch.distributed.all_reduce(squares, group=mpu.get_model_parallel_group())
-        return float(squares.sqrt())
+        return tp_grad_norm(self.engine.module.parameters(), mpu.get_tensor_model_parallel_rank() == 0,
+                            mpu.get_model_parallel_group(), self.engine.device)

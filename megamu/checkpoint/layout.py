@@ -1,0 +1,85 @@
+"""The parallel layout a checkpoint was saved with, and which changes a resume can absorb.
+
+DeepSpeed writes one model file per TP (and PP) rank and, under ZeRO ≥ 1, one optimizer-state partition
+per DP rank, so the layout decides what a checkpoint can be loaded into:
+
+- another TP or PP size: refused (the weights can be merged with `megamu-merge`, the optimizer state not);
+- another DP size at ZeRO 0: fine, the optimizer state is whole in each TP rank's model file;
+- another DP size at ZeRO 1-3: refused, as DeepSpeed 0.19 cannot repartition saved optimizer state (its
+  elastic checkpoints still check the DP size; universal checkpoints need per-parameter TP metadata
+  megamu does not write).
+
+Each checkpoint carries `layout.json`, written by rank 0 before the ranks vote on the save.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from megamu.errors import CheckpointError
+from megamu.fileio import atomic_write
+from megamu.parallel.state import ParallelLayout
+
+LAYOUT_FILE = "layout.json"
+
+
+@dataclass(frozen=True)
+class CheckpointLayout:
+    tensor: int
+    pipeline: int
+    data: int
+    zero_stage: int
+
+    @property
+    def grid(self) -> ParallelLayout:
+        return ParallelLayout(self.tensor * self.pipeline * self.data, self.tensor, self.pipeline)
+
+
+def layout_path(ckpt_dir: str, tag: str) -> str:
+    return os.path.join(ckpt_dir, tag, LAYOUT_FILE)
+
+
+def save_layout(ckpt_dir: str, tag: str, layout: CheckpointLayout) -> None:
+    with atomic_write(layout_path(ckpt_dir, tag)) as f:
+        json.dump(asdict(layout), f)
+
+
+def read_layout(ckpt_dir: str, tag: str) -> Optional[CheckpointLayout]:
+    """The saved layout, or None for a checkpoint written before megamu recorded it."""
+    path = layout_path(ckpt_dir, tag)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return CheckpointLayout(**json.load(f))
+
+
+def check_resumable(saved: CheckpointLayout, current: CheckpointLayout, where: str) -> None:
+    """Raise CheckpointError, naming the fix, when checkpoint `where` cannot resume in `current`."""
+    if (saved.tensor, saved.pipeline) != (current.tensor, current.pipeline):
+        raise CheckpointError(
+            f"{where} was saved with parallel.tensor={saved.tensor} parallel.pipeline={saved.pipeline}, but this "
+            f"run has parallel.tensor={current.tensor} parallel.pipeline={current.pipeline}; resuming changes only "
+            f"the data-parallel size. Resume with the saved tensor and pipeline sizes, or merge the weights into "
+            f"one state dict with `megamu-merge RUN_DIR --output merged.pt` (weights only: the optimizer state "
+            f"and data position are not carried over)")
+    if saved.data != current.data and (saved.zero_stage or current.zero_stage):
+        fix = (f"resume with {saved.data} data-parallel rank(s) (world size "
+               f"{saved.tensor * saved.pipeline * saved.data})" if saved.zero_stage else
+               "pass --deepspeed_config zero0, the stage it was saved with (without it the stage is 1 on more "
+               "than one data-parallel rank)")
+        raise CheckpointError(
+            f"{where} was saved with {saved.data} data-parallel rank(s) under ZeRO stage {saved.zero_stage}, and "
+            f"this run has {current.data} under ZeRO stage {current.zero_stage}; the data-parallel size can change "
+            f"only under ZeRO 0, whose optimizer state is whole in each TP rank's file (ZeRO 1-3 partition it over "
+            f"the data-parallel ranks, and DeepSpeed cannot repartition it when it loads): {fix}")
+
+
+def rng_source_rank(saved: CheckpointLayout, tp_rank: int, pp_rank: int) -> int:
+    """The saved rank whose RNG file a rank at (tp_rank, pp_rank) restores after a change of DP size.
+
+    DP rank 0 at the same (TP, PP) position: the DP ranks of one position are seeded alike and draw alike
+    (Python, NumPy, torch and the TP tracker), so any of their files is the right one.
+    """
+    return saved.grid.rank_of(tp_rank, 0, pp_rank)

@@ -1,0 +1,78 @@
+"""The transformer as a DeepSpeed PipelineModule: the same layers, μP, names and init as `Transformer`.
+
+Pipeline layer i is `Transformer.layers[i]` (embedding, the blocks, final norm, readout). DeepSpeed registers
+it as module "i", so a stage's parameter "3.attn.q.weight" is the Transformer's "layers.3.attn.q.weight",
+its logical name. Init is keyed by the logical name: a PP=k model's weights are the PP=1 model's.
+
+Stages own whole blocks, `config.pipeline_blocks(cfg)[s]` on stage s; the first stage also holds the
+embedding, the last the final norm and the readout, whose vocab-parallel cross entropy is the loss.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megamu.config import Config, pipeline_blocks
+from megamu.model import mup
+from megamu.model.transformer import check_buildable, layer_builders
+from megamu.parallel.layers import register_partial_grad_allreduce
+
+LOGICAL_PREFIX = "layers"
+
+
+def logical_name(layer_index: int, name: str) -> str:
+    """A pipeline layer's parameter `name` as the Transformer calls it."""
+    return f"{LOGICAL_PREFIX}.{layer_index}.{name}"
+
+
+def stage_boundaries(cfg: Config) -> list[int]:
+    """Stage s holds layers [bounds[s], bounds[s+1]) of [embedding, blocks..., final norm, readout]."""
+    bounds, first_block = [0], 1
+    for blocks in pipeline_blocks(cfg)[:-1]:
+        first_block += blocks
+        bounds.append(first_block)
+    return bounds + [cfg.model.n_layers + 3]
+
+
+class _BuiltBy(LayerSpec):
+    """A LayerSpec made by one of megamu's builders (its layers take built sub-layers, not plain arguments)."""
+
+    def __init__(self, typename: type[nn.Module], builder: Callable[[], nn.Module]) -> None:
+        super().__init__(typename)
+        self.builder = builder
+
+    def build(self, log: bool = False) -> nn.Module:
+        return self.builder()
+
+
+class TransformerPipe(PipelineModule):
+    """This rank's pipeline stage (of this TP rank), initialised by μP's rules under logical names."""
+
+    def __init__(self, cfg: Config, topology, tp_group: Optional[ProcessGroup]) -> None:
+        check_buildable(cfg, tp_group)
+        self.boundaries = stage_boundaries(cfg)
+        self.vocab_size = cfg.model.vocab_size
+        specs = [_BuiltBy(typename, build) for typename, build in layer_builders(cfg, tp_group)]
+        super().__init__(layers=specs, topology=topology, loss_fn=self._loss)
+        for index, layer in zip(range(self._local_start, self._local_stop), self.forward_funcs):
+            mup.init_weights(layer, cfg, prefix=f"{LOGICAL_PREFIX}.{index}")
+        register_partial_grad_allreduce(self, tp_group)
+
+    def _partition_layers(self, method: str = "parameters") -> None:
+        # DeepSpeed balances parameter or layer counts; megamu splits by transformer blocks (config-set).
+        self.parts = self.boundaries
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.forward_funcs[-1].loss(logits, labels, self.vocab_size)
+
+    def logical_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """This stage's parameters under the names the PP=1 Transformer gives them."""
+        return [(logical_name(index, name), param)
+                for index, layer in zip(range(self._local_start, self._local_stop), self.forward_funcs)
+                for name, param in layer.named_parameters()]
