@@ -14,7 +14,7 @@ $(BIN)/.installed: setup.py
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	# DeepSpeed builds from source: no CUDA ops here (they JIT on GPU machines), and the
 	# build must see the torch above rather than pull a CUDA build into an isolated env.
-	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.3"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.3,<0.20"
 	$(BIN)/pip install -q -e ".[dev]"
 	# On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory op the first time a
 	# process group starts (minutes on 2 cores); build it once here rather than inside a test.

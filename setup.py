@@ -13,7 +13,7 @@ setup(
     install_requires=[
         # A range, so GPU users keep their CUDA build; CPU machines pin 2.13.0 in the Makefile.
         "torch>=2.4,<2.20",
-        "deepspeed>=0.19.3",
+        "deepspeed>=0.19.3,<0.20",  # the pipeline module overrides a private DeepSpeed method
         "sentencepiece>=0.2",
         "datasets>=2.18",
         "numpy>=1.24",

@@ -21,6 +21,7 @@ import tempfile
 from typing import Optional
 
 from megamu.demo import prepare_sample_data
+from megamu.parallel.launch_env import without_launch_env
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = 2
@@ -39,9 +40,9 @@ def run(pipeline: int, micro_batches: int, args: argparse.Namespace, data, out_d
     launcher = ([sys.executable, "-m", "megamu.train"] if pipeline == 1 else
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={pipeline}",
                  "--module", "megamu.train"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**without_launch_env(os.environ), "OMP_NUM_THREADS": "1"}  # each run is its own world
     done = subprocess.run([*launcher, "--config", "tiny", *overrides], cwd=REPO, env=env, capture_output=True,
-                          text=True)
+                          text=True, timeout=args.run_timeout)
     if done.returncode != 0:
         raise RuntimeError(f"PP={pipeline}, m={micro_batches} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as handle:
@@ -58,6 +59,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--data-dir", default=os.path.join("runs", "bench", "data"))
+    parser.add_argument("--run-timeout", type=float, default=600, help="seconds before a hung run is killed")
     args = parser.parse_args(argv)
     if args.steps < 4:
         parser.error("--steps must be at least 4: the first two steps are not timed")

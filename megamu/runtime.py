@@ -28,7 +28,9 @@ def on_cuda() -> bool:
 def device() -> torch.device:
     """This rank's compute device: cuda:LOCAL_RANK on a CUDA machine, else the CPU."""
     if on_cuda():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        # Modulo: a cluster that binds one GPU per task shows each task a single device 0.
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        return torch.device("cuda", local_rank % visible if visible else local_rank)
     return torch.device("cpu")
 
 

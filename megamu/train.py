@@ -16,6 +16,7 @@ checkpoint did not finish within train.preempt_grace_s.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -49,8 +50,27 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)  # overrides may come before and after options
 
 
-@console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """`megamu-train`: the exit code of the run (0 done or preempted, 2 user error, 3 diverged)."""
+    return _end_failed_rank(_run(argv))
+
+
+def _end_failed_rank(code: int) -> int:
+    """A rank that fails after joining the process groups still has gloo and store threads running, and
+    tearing the interpreter down under them can abort (SIGABRT) instead of returning `code`: everything
+    the run writes is closed by now, so end the process at once."""
+    if code != 0:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+@console_script
+def _run(argv: Optional[Sequence[str]] = None) -> int:
     from megamu.training.guards import TrainingDiverged
 
     args = parse_args(argv)

@@ -21,8 +21,10 @@ from megamu.training.preemption import EXIT_GRACE_EXPIRED
 from test_train_e2e import MAX_STEPS, config, losses, read_records, runs  # noqa: F401
 
 HEARTBEAT_S = 3.0
-# Detection takes the timeout plus up to one beat (0.75 s); the rest is slack for a loaded 2-core machine.
-EXIT_BOUND_S = HEARTBEAT_S + 6.0
+# Detection takes the timeout plus up to one beat (0.75 s); the rest is slack for a loaded 2-core machine
+# (runs took 3x longer with other jobs on the cores): the claim is a bound, not a latency.
+SLACK_S = 15.0
+EXIT_BOUND_S = HEARTBEAT_S + SLACK_S
 
 # Before step FAULT_STEP (0-based), each rank in FAULT_RANKS records the time and sends itself
 # FAULT_SIGNAL; a rank that stops itself (a hung node) is killed FAULT_HANG_S later by a detached shell.
@@ -107,7 +109,7 @@ def test_hung_rank_ends_the_other_within_the_heartbeat_or_the_collective_timeout
     # SIGSTOP: the peer's sockets stay open, as when a node drops off the network, so gloo sees no error and
     # waits; only the heartbeat (on) or the collective timeout, applied to every group (heartbeat off), ends it.
     run = runs / f"hung{heartbeat_s:g}"
-    bound = heartbeat_s + 6.0 if heartbeat_s else timeout_minutes * 60 + 6.0
+    bound = (heartbeat_s if heartbeat_s else timeout_minutes * 60) + SLACK_S
     result, stopped_at = faulty_run(config, run, f"parallel.heartbeat_timeout_s={heartbeat_s}",
                                     f"parallel.timeout_minutes={timeout_minutes}", ranks="1", signal="SIGSTOP",
                                     step="3", hang_s=str(bound + 5))

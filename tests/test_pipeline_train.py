@@ -26,7 +26,7 @@ from test_train_e2e import losses, read_records, write_config
 
 STEPS = 10
 REL_TOL = 1e-5
-GRAD_NORM_REL_TOL = 1e-4
+GRAD_NORM_REL_TOL = 1e-4  # as for TP: a norm sums squares over ranks in another order than one process
 # 3 blocks: an even split is [2, 1]; global batch 8 of micro batches 2 accumulates 4 (DP=1) or 2 (DP=2).
 MODEL = ["model.n_layers=3", "model.n_kv_heads=2", "model.qk_norm=true", f"train.max_steps={STEPS}",
          "train.eval_interval=0"]
@@ -50,14 +50,14 @@ def config(tmp_path_factory, tiny_tokenizer, tiny_dataset_prefix) -> str:
 def train(config: str, out_dir, name: str, *extra: str):
     overrides, nprocs, ds = LAYOUTS[name]
     return run_train(["--config", config, f"train.out_dir={out_dir}", *MODEL, *overrides, *extra,
-                      "--deepspeed_config", f"ds_configs/{ds}.json"], nprocs, timeout=400)
+                      "--deepspeed_config", f"ds_configs/{ds}.json"], nprocs, timeout=600)
 
 
 @pytest.fixture(scope="module")
 def run_dirs(config, tmp_path_factory) -> dict[str, str]:
     """Every layout trained at once: most of a run is start-up (imports), which overlaps well."""
     root = tmp_path_factory.mktemp("pp_runs")
-    with ThreadPoolExecutor(len(LAYOUTS)) as pool:
+    with ThreadPoolExecutor(3) as pool:  # at most ~8 processes on the 2 cores at once
         results = dict(zip(LAYOUTS, pool.map(lambda name: train(config, root / name, name), LAYOUTS)))
     for name, result in results.items():
         assert result.ok, f"{name}:\n{result.describe()}"
@@ -69,8 +69,8 @@ def test_pp_layouts_match_single_process_losses_grad_norms_and_eval(layout, run_
     _, nprocs, _ = LAYOUTS[layout]
     meta = read_records(run_dirs[layout], "meta")[0]
     assert meta["pp"] == 2 and meta["tp"] * meta["dp"] * 2 == nprocs
-    assert_same_trajectory(run_dirs[layout], run_dirs["pp1"], "loss", REL_TOL)
-    assert_same_trajectory(run_dirs[layout], run_dirs["pp1"], "grad_norm", GRAD_NORM_REL_TOL)
+    assert_same_trajectory(run_dirs[layout], run_dirs["pp1"], "loss", REL_TOL, STEPS)
+    assert_same_trajectory(run_dirs[layout], run_dirs["pp1"], "grad_norm", GRAD_NORM_REL_TOL, STEPS)
     (got,), (want,) = read_records(run_dirs[layout], "eval"), read_records(run_dirs["pp1"], "eval")
     assert math.isclose(got["val_loss"], want["val_loss"], rel_tol=REL_TOL) and got["val_bpb"] is not None
 
@@ -104,7 +104,7 @@ import json, sys
 import torch
 from megamu.config import load_config
 from megamu.model import build_model
-from megamu.model.pipeline import TransformerPipe
+from megamu.training.pipeline_module import TransformerPipe
 from megamu.parallel import initialize_parallel
 from megamu.parallel.pipeline_grid import check_pipeline_grid, pipeline_topology
 
@@ -144,7 +144,7 @@ def test_pipeline_stages_init_to_the_single_process_weights(layout, nprocs):
 # gradients are finite, must skip the same steps, since the gate's verdict is agreed by every rank.
 INJECT_NAN_GRAD_ON_STAGE_0 = """
 import sys
-import megamu.model.pipeline as pipeline
+import megamu.training.pipeline_module as pipeline
 from megamu.train import main
 NAN_CALLS = {2} | set(range(4, 100))
 class Poisoned(pipeline.TransformerPipe):
@@ -161,12 +161,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_a_non_finite_gradient_on_one_stage_skips_the_step_on_every_stage(config, tmp_path, stage):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_a_non_finite_gradient_on_one_stage_skips_the_step_on_every_stage(config, tmp_path, zero):
     result = run_script(INJECT_NAN_GRAD_ON_STAGE_0,
                         ["--config", config, f"train.out_dir={tmp_path / 'run'}", *MODEL, *PP2,
                          "train.micro_batch_size=8", "train.eval_iters=0", "train.max_bad_steps=2",
-                         "--deepspeed_config", f"ds_configs/zero{stage}.json"], 2)
+                         "--deepspeed_config", f"ds_configs/zero{zero}.json"], 2)
     assert result.returncodes == [3, 3], result.describe()
     train = read_records(str(tmp_path / "run"), "train")
     assert all(math.isfinite(r["loss"]) for r in train)

@@ -3,20 +3,30 @@
 - Another data-parallel size at ZeRO 0 continues the run: stop a DP=2 run at step 3 and resume it at DP=1
   (and DP=1 → DP=2); steps 4.. match an uninterrupted run, so the data stream (the sampler's
   consumed_samples), the optimizer state and the schedule all carried over.
-- Another DP size under ZeRO 1, another TP size, and ZeRO 0 resumed under ZeRO 1 on another DP size are
-  refused on every rank with one `error:` line naming the fix (for TP: `megamu-merge`).
+- Another DP size under ZeRO 1 and 2 (same stage) continues the run the same way, through DeepSpeed's
+  universal checkpoint, which rank 0 writes into `<tag>_universal`: at TP=1 and PP=1, at TP=2 (ZeRO 1,
+  DP 2 → 1 and 1 → 2) and at PP=2 (ZeRO 1, DP 2 → 1), whose conversions hold the weights `megamu-merge` gives.
+- Another TP size, ZeRO 0 resumed under ZeRO 1 on another DP size, and ZeRO 1 resumed under ZeRO 0 on another
+  DP size are refused on every rank with one `error:` line naming the fix (for TP: `megamu-merge`); so are DP
+  changes under ZeRO 3 (checked on the layouts alone).
 - A rank that does not see rank 0's `latest_complete` (node-local storage) stops, as do the others,
   naming the pointer's path and shared storage.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from dist import run_script, run_train
-from megamu.errors import EXIT_USER_ERROR
+import torch
+
+from megamu.checkpoint.layout import CheckpointLayout, check_resumable, needs_universal
+from megamu.checkpoint.merge import merge_run_checkpoint
+from megamu.model.transformer import stage_name
+from megamu.errors import EXIT_USER_ERROR, CheckpointError
 from test_train_e2e import MAX_STEPS, REL_TOL, assert_close, losses, read_records, write_config
 
 STOP = 3
@@ -58,6 +68,15 @@ def runs(config, tmp_path_factory) -> dict:
         "dp2_to_dp1": ("dp2_to_dp1", 2, "ds_configs/zero0.json", [f"train.stop_at_step={STOP}"]),
         "dp1_to_dp2": ("dp1_to_dp2", 1, "ds_configs/zero0.json", [f"train.stop_at_step={STOP}"]),
         "zero1_dp2": ("zero1_dp2", 2, "ds_configs/zero1.json", [f"train.stop_at_step={STOP}"]),
+        "zero1_dp1_to_dp2": ("zero1_dp1_to_dp2", 1, "ds_configs/zero1.json", [f"train.stop_at_step={STOP}"]),
+        "zero2_dp2_to_dp1": ("zero2_dp2_to_dp1", 2, "ds_configs/zero2.json", [f"train.stop_at_step={STOP}"]),
+        "zero2_dp1_to_dp2": ("zero2_dp1_to_dp2", 1, "ds_configs/zero2.json", [f"train.stop_at_step={STOP}"]),
+        "zero1_tp2_dp2_to_dp1": ("zero1_tp2_dp2_to_dp1", 4, "ds_configs/zero1.json",
+                                 [f"train.stop_at_step={STOP}", "parallel.tensor=2"]),
+        "zero1_tp2_dp1_to_dp2": ("zero1_tp2_dp1_to_dp2", 2, "ds_configs/zero1.json",
+                                 [f"train.stop_at_step={STOP}", "parallel.tensor=2"]),
+        "zero1_pp2_dp2_to_dp1": ("zero1_pp2_dp2_to_dp1", 4, "ds_configs/zero1.json",
+                                 [f"train.stop_at_step={STOP}", "parallel.pipeline=2"]),
     }
 
     def run(spec):
@@ -70,13 +89,24 @@ def runs(config, tmp_path_factory) -> dict:
     for name, result in results.items():
         assert result.ok, f"{name}:\n{result.describe()}"
     # Refused resumes get copies, so each starts from the same untouched checkpoint.
-    for copy, source in (("zero1_to_dp1", "zero1_dp2"), ("zero1_to_tp2", "zero1_dp2"),
+    for copy, source in (("zero1_dp2_to_dp1", "zero1_dp2"), ("zero1_to_zero0", "zero1_dp2"),
+                         ("zero1_to_tp2", "zero1_dp2"),
                          ("zero0_under_zero1", "dp1_to_dp2"), ("pointer_views", "dp2_to_dp1")):
         shutil.copytree(root / source, root / copy)
     second = {
         "dp2_to_dp1": ("dp2_to_dp1", 1, "ds_configs/zero0.json", ["train.resume=true"], None),
         "dp1_to_dp2": ("dp1_to_dp2", 2, "ds_configs/zero0.json", ["train.resume=true"], None),
-        "zero1_to_dp1": ("zero1_to_dp1", 1, "ds_configs/zero1.json", ["train.resume=true"], None),
+        "zero1_dp2_to_dp1": ("zero1_dp2_to_dp1", 1, "ds_configs/zero1.json", ["train.resume=true"], None),
+        "zero1_dp1_to_dp2": ("zero1_dp1_to_dp2", 2, "ds_configs/zero1.json", ["train.resume=true"], None),
+        "zero2_dp2_to_dp1": ("zero2_dp2_to_dp1", 1, "ds_configs/zero2.json", ["train.resume=true"], None),
+        "zero2_dp1_to_dp2": ("zero2_dp1_to_dp2", 2, "ds_configs/zero2.json", ["train.resume=true"], None),
+        "zero1_tp2_dp2_to_dp1": ("zero1_tp2_dp2_to_dp1", 2, "ds_configs/zero1.json",
+                                 ["train.resume=true", "parallel.tensor=2"], None),
+        "zero1_tp2_dp1_to_dp2": ("zero1_tp2_dp1_to_dp2", 4, "ds_configs/zero1.json",
+                                 ["train.resume=true", "parallel.tensor=2"], None),
+        "zero1_pp2_dp2_to_dp1": ("zero1_pp2_dp2_to_dp1", 2, "ds_configs/zero1.json",
+                                 ["train.resume=true", "parallel.pipeline=2"], None),
+        "zero1_to_zero0": ("zero1_to_zero0", 1, "ds_configs/zero0.json", ["train.resume=true"], None),
         "zero1_to_tp2": ("zero1_to_tp2", 2, "ds_configs/zero1.json", ["train.resume=true", "parallel.tensor=2"],
                          None),
         "zero0_under_zero1": ("zero0_under_zero1", 2, "ds_configs/zero1.json", ["train.resume=true"], None),
@@ -87,7 +117,10 @@ def runs(config, tmp_path_factory) -> dict:
     return {"results": results, "dirs": {name: str(root / name) for name in {**first, **second}}}
 
 
-@pytest.mark.parametrize("name, dp_before, dp_after", [("dp2_to_dp1", 2, 1), ("dp1_to_dp2", 1, 2)])
+@pytest.mark.parametrize("name, dp_before, dp_after", [
+    ("dp2_to_dp1", 2, 1), ("dp1_to_dp2", 1, 2), ("zero1_dp2_to_dp1", 2, 1), ("zero1_dp1_to_dp2", 1, 2),
+    ("zero2_dp2_to_dp1", 2, 1), ("zero2_dp1_to_dp2", 1, 2), ("zero1_tp2_dp2_to_dp1", 2, 1),
+    ("zero1_tp2_dp1_to_dp2", 1, 2), ("zero1_pp2_dp2_to_dp1", 2, 1)])
 def test_resume_with_another_dp_size_continues_the_uninterrupted_run(runs, name, dp_before, dp_after):
     result = runs["results"][name]
     assert result.ok, result.describe()
@@ -96,6 +129,30 @@ def test_resume_with_another_dp_size_continues_the_uninterrupted_run(runs, name,
     assert [r["step"] for r in read_records(run_dir, "train")] == list(range(1, MAX_STEPS + 1))
     assert [r["dp"] for r in read_records(run_dir, "meta")] == [dp_before]  # the resumed run appended
     assert_close(losses(run_dir), losses(runs["dirs"]["reference"]), REL_TOL)
+
+
+@pytest.mark.parametrize("name", ["zero1_dp2_to_dp1", "zero1_dp1_to_dp2", "zero2_dp2_to_dp1", "zero2_dp1_to_dp2",
+                                  "zero1_tp2_dp2_to_dp1", "zero1_tp2_dp1_to_dp2", "zero1_pp2_dp2_to_dp1"])
+def test_zero_resume_on_another_dp_size_loads_a_complete_universal_conversion(runs, name):
+    result = runs["results"][name]
+    assert f"into DeepSpeed's universal checkpoint global_step{STOP}_universal" in result.ranks[0].output
+    ckpt_dir = os.path.join(runs["dirs"][name], "checkpoints")
+    assert os.path.isfile(os.path.join(ckpt_dir, f"global_step{STOP}_universal", "zero", "optimizer_state.pt"))
+    # Renamed into place once complete: no scratch folder, and no `latest_universal` beside megamu's pointer.
+    assert not [entry for entry in os.listdir(ckpt_dir) if entry.startswith(".") or entry == "latest_universal"]
+
+
+@pytest.mark.parametrize("name, tensor, pipeline", [("zero1_tp2_dp2_to_dp1", 2, 1), ("zero1_tp2_dp1_to_dp2", 2, 1),
+                                                    ("zero1_pp2_dp2_to_dp1", 1, 2)])
+def test_a_universal_conversion_holds_the_merged_weights(runs, name, tensor, pipeline):
+    """The saved patterns merged every TP slice on its partition dim, kept the vocabulary padding and named
+    each parameter as the engine's module does: the converted fp32 weights are megamu-merge's."""
+    merged = merge_run_checkpoint(runs["dirs"][name], f"global_step{STOP}", target_tp=tensor)
+    zero_dir = os.path.join(runs["dirs"][name], "checkpoints", f"global_step{STOP}_universal", "zero")
+    for logical, weight in merged.items():
+        converted = torch.load(os.path.join(zero_dir, stage_name(logical) if pipeline > 1 else logical, "fp32.pt"),
+                               weights_only=False)["param"]
+        assert torch.equal(converted, weight.float()), logical
 
 
 def user_errors(result) -> list[str]:
@@ -107,8 +164,9 @@ def user_errors(result) -> list[str]:
 
 
 @pytest.mark.parametrize("name, message", [
-    ("zero1_to_dp1", "saved with 2 data-parallel rank(s) under ZeRO stage 1, and this run has 1 under ZeRO stage 1; "
-                     "the data-parallel size can change only under ZeRO 0"),
+    ("zero1_to_zero0", "saved with 2 data-parallel rank(s) under ZeRO stage 1, and this run has 1 under ZeRO stage "
+                       "0; the data-parallel size can change only under ZeRO 0, or under the ZeRO 1 or 2 stage it "
+                       "was saved with"),
     ("zero1_to_tp2", "saved with parallel.tensor=1 parallel.pipeline=1, but this run has parallel.tensor=2"),
     ("zero0_under_zero1", "saved with 1 data-parallel rank(s) under ZeRO stage 0, and this run has 2 under ZeRO "
                           "stage 1"),
@@ -116,11 +174,32 @@ def user_errors(result) -> list[str]:
 def test_unsupported_layout_changes_are_refused_naming_the_fix(runs, name, message):
     for line in user_errors(runs["results"][name]):
         assert f"global_step{STOP}" in line and message in line, line
-    fixes = {"zero1_to_dp1": "resume with 2 data-parallel rank(s) (world size 2)",
+    fixes = {"zero1_to_zero0": "pass --deepspeed_config zero1",
              "zero1_to_tp2": "megamu-merge RUN_DIR --output merged.pt",
              "zero0_under_zero1": "pass --deepspeed_config zero0"}
     assert fixes[name] in runs["results"][name].ranks[0].output
     assert max(losses(runs["dirs"][name])) == STOP  # nothing trained
+
+
+@pytest.mark.parametrize("saved, current", [
+    (CheckpointLayout(2, 2, 2, 1), CheckpointLayout(2, 2, 1, 1)),
+    (CheckpointLayout(2, 1, 1, 2), CheckpointLayout(2, 1, 2, 2)),
+])
+def test_zero_dp_changes_at_any_tp_and_pp_go_through_a_universal_conversion(saved, current):
+    check_resumable(saved, current, "ckpt")
+    assert needs_universal(saved, current)
+
+
+@pytest.mark.parametrize("saved, current, fix", [
+    (CheckpointLayout(1, 1, 2, 3), CheckpointLayout(1, 1, 1, 3), "resume with 2 data-parallel rank(s) (world size 2)"),
+    (CheckpointLayout(2, 1, 2, 3), CheckpointLayout(2, 1, 1, 3), "resume with 2 data-parallel rank(s) (world size 4)"),
+    (CheckpointLayout(1, 1, 2, 1), CheckpointLayout(1, 1, 1, 2), "pass --deepspeed_config zero1"),
+])
+def test_zero_dp_changes_without_a_universal_conversion_are_refused(saved, current, fix):
+    """ZeRO 3, or another ZeRO stage."""
+    with pytest.raises(CheckpointError, match="the data-parallel size can change only under ZeRO 0") as refused:
+        check_resumable(saved, current, "ckpt")
+    assert fix in str(refused.value)
 
 
 def test_a_rank_that_cannot_see_the_pointer_stops_every_rank_naming_shared_storage(runs):

@@ -59,10 +59,10 @@ def run_dirs(config, tmp_path_factory) -> dict[str, str]:
     return {name: str(root / name) for name in LAYOUTS}
 
 
-def assert_same_trajectory(run_dir: str, reference_dir: str, key: str, rel_tol: float) -> None:
+def assert_same_trajectory(run_dir: str, reference_dir: str, key: str, rel_tol: float, steps: int = STEPS) -> None:
     got = {r["step"]: r[key] for r in read_records(run_dir, "train")}
     want = {r["step"]: r[key] for r in read_records(reference_dir, "train")}
-    assert sorted(got) == list(range(1, STEPS + 1)) == sorted(want)
+    assert sorted(got) == list(range(1, steps + 1)) == sorted(want)
     for step in want:
         assert math.isclose(got[step], want[step], rel_tol=rel_tol), (key, step, got[step], want[step])
 

@@ -5,9 +5,9 @@ per DP rank, so the layout decides what a checkpoint can be loaded into:
 
 - another TP or PP size: refused (the weights can be merged with `megamu-merge`, the optimizer state not);
 - another DP size at ZeRO 0: fine, the optimizer state is whole in each TP rank's model file;
-- another DP size at ZeRO 1-3: refused, as DeepSpeed 0.19 cannot repartition saved optimizer state (its
-  elastic checkpoints still check the DP size; universal checkpoints need per-parameter TP metadata
-  megamu does not write).
+- another DP size at ZeRO 1 or 2 (any TP and PP), under the stage it was saved with: through DeepSpeed's
+  universal checkpoint (universal.py), as DeepSpeed's ordinary load cannot repartition the optimizer state;
+- another DP size otherwise: refused. ZeRO 3 and a change of stage are conversions megamu does not make.
 
 Each checkpoint carries `layout.json`, written by rank 0 before the ranks vote on the save.
 """
@@ -64,16 +64,31 @@ def check_resumable(saved: CheckpointLayout, current: CheckpointLayout, where: s
             f"the data-parallel size. Resume with the saved tensor and pipeline sizes, or merge the weights into "
             f"one state dict with `megamu-merge RUN_DIR --output merged.pt` (weights only: the optimizer state "
             f"and data position are not carried over)")
-    if saved.data != current.data and (saved.zero_stage or current.zero_stage):
-        fix = (f"resume with {saved.data} data-parallel rank(s) (world size "
-               f"{saved.tensor * saved.pipeline * saved.data})" if saved.zero_stage else
-               "pass --deepspeed_config zero0, the stage it was saved with (without it the stage is 1 on more "
-               "than one data-parallel rank)")
+    partitioned = saved.zero_stage or current.zero_stage
+    if saved.data != current.data and partitioned and not needs_universal(saved, current):
         raise CheckpointError(
             f"{where} was saved with {saved.data} data-parallel rank(s) under ZeRO stage {saved.zero_stage}, and "
             f"this run has {current.data} under ZeRO stage {current.zero_stage}; the data-parallel size can change "
-            f"only under ZeRO 0, whose optimizer state is whole in each TP rank's file (ZeRO 1-3 partition it over "
-            f"the data-parallel ranks, and DeepSpeed cannot repartition it when it loads): {fix}")
+            f"only under ZeRO 0, or under the ZeRO 1 or 2 stage it was saved with (through DeepSpeed's universal "
+            f"checkpoint): {_dp_change_fix(saved)}")
+
+
+def needs_universal(saved: CheckpointLayout, current: CheckpointLayout) -> bool:
+    """Whether resuming `saved` in `current` goes through a universal checkpoint: a DP-size change with ZeRO 1/2
+    optimizer partitions (every save carries the patterns the converter merges TP slices by)."""
+    return saved.data != current.data and saved.zero_stage in (1, 2) and current.zero_stage == saved.zero_stage
+
+
+def _dp_change_fix(saved: CheckpointLayout) -> str:
+    same_dp = (f"resume with {saved.data} data-parallel rank(s) (world size "
+               f"{saved.tensor * saved.pipeline * saved.data})")
+    if saved.zero_stage == 0:
+        return ("pass --deepspeed_config zero0, the stage it was saved with (without it the stage is 1 on more "
+                "than one data-parallel rank)")
+    if saved.zero_stage in (1, 2):
+        return (f"pass --deepspeed_config zero{saved.zero_stage}, the stage it was saved with (without it the "
+                f"stage is 0 on one data-parallel rank and 1 otherwise), or {same_dp}")
+    return same_dp
 
 
 def rng_source_rank(saved: CheckpointLayout, tp_rank: int, pp_rank: int) -> int:

@@ -90,7 +90,7 @@ def merge_run_checkpoint(run_dir: str, tag: Optional[str] = None, target_tp: int
 
 def _pipeline_shards(checkpoint_dir: str, tag: str) -> list[dict[str, torch.Tensor]]:
     """Every TP rank's state dict of a pipeline-parallel checkpoint, under the Transformer's names."""
-    from megamu.model.pipeline import logical_name  # imports deepspeed: only for pipeline checkpoints
+    from megamu.model.transformer import logical_name
     return [{logical_name(layer, name): tensor for layer, state in layers.items() for name, tensor in state.items()}
             for layers in load_pipeline_layers(checkpoint_dir, tag)]
 

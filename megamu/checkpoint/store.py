@@ -5,20 +5,29 @@ after it every rank writes its RNG state, all ranks vote on success, and only th
 megamu's pointer. Resume reads only that pointer, so a crash mid-save leaves the previous
 checkpoint in charge. Every rank must read the same pointer (the checkpoint directory is shared), and
 the saved layout must allow the current one (layout.py), before DeepSpeed loads anything.
+
+Resuming is two calls: `plan_resume` before the engine is built, because a change of data-parallel size
+under ZeRO 1/2 loads DeepSpeed's universal checkpoint (universal.py), which the engine must be built for;
+then `load_checkpoint` into the engine.
 """
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from megamu import runtime
-from megamu.checkpoint.layout import CheckpointLayout, check_resumable, read_layout, rng_source_rank, save_layout
+from megamu.checkpoint.layout import (CheckpointLayout, check_resumable, needs_universal, read_layout,
+                                      rng_source_rank, save_layout)
 from megamu.checkpoint.pointer import POINTER, read_pointer, tag_for, write_pointer
 from megamu.checkpoint.rng import load_rng_state, save_rng_state
+from megamu.checkpoint.universal import convert_to_universal, universal_info, universal_tag
+from megamu.config import Config
 from megamu.errors import CheckpointError
 from megamu.parallel.state import get_parallel_state
 
@@ -35,9 +44,14 @@ def _all_ranks_succeeded(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def _current_layout(engine: Any) -> CheckpointLayout:
+def current_layout(zero_stage: int) -> CheckpointLayout:
+    """This run's layout under ZeRO `zero_stage`."""
     layout = get_parallel_state().layout
-    return CheckpointLayout(layout.tensor, layout.pipeline, layout.data, int(engine.zero_optimization_stage()))
+    return CheckpointLayout(layout.tensor, layout.pipeline, layout.data, zero_stage)
+
+
+def _current_layout(engine: Any) -> CheckpointLayout:
+    return current_layout(int(engine.zero_optimization_stage()))
 
 
 def _shown(tag: Optional[str]) -> str:
@@ -72,19 +86,27 @@ def _agreed_tag(ckpt_dir: str) -> Optional[str]:
                           f"such a path")
 
 
-def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[str, Any]) -> str:
-    """Save through DeepSpeed, then move megamu's pointer once every rank has written everything.
+def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[str, Any], cfg: Config) -> str:
+    """Save through DeepSpeed the model of `cfg`, then move megamu's pointer once every rank has written
+    everything.
 
     Collective: every rank must call it. Returns the tag.
     """
     tag = tag_for(step)
     rank = _rank()
+    layout = _current_layout(engine)
+    # What DeepSpeed's universal converter reads from the model files, should a resume change the DP size.
+    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+
+    client_state = {**client_state, UNIVERSAL_CHECKPOINT_INFO: universal_info(cfg)}
     error: Optional[BaseException] = None
     try:
+        if rank == 0:  # a tag saved anew (after a resume from an older one) must not keep an old conversion
+            shutil.rmtree(os.path.join(ckpt_dir, universal_tag(tag)), ignore_errors=True)
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
         save_rng_state(ckpt_dir, tag, rank)
         if rank == 0:
-            save_layout(ckpt_dir, tag, _current_layout(engine))
+            save_layout(ckpt_dir, tag, layout)
     except Exception as e:  # reported after the vote, so no rank blocks waiting for a failed peer
         error = e
     if not _all_ranks_succeeded(error is None):
@@ -98,25 +120,69 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[st
     return tag
 
 
-def load_checkpoint(engine: Any, ckpt_dir: str) -> Optional[dict[str, Any]]:
-    """Restore the newest complete checkpoint into `engine` and this rank's RNGs.
+@dataclass(frozen=True)
+class ResumePlan:
+    tag: str  # the complete checkpoint the pointer names
+    saved: Optional[CheckpointLayout]  # None for checkpoints from before layout records
+    load_tag: str  # what DeepSpeed loads: `tag`, or its universal conversion
 
-    Returns DeepSpeed's client state (step, sampler position, ...), or None when there is no
-    complete checkpoint to resume from.
+    @property
+    def universal(self) -> bool:
+        """Whether the engine must be built with DeepSpeed's `checkpoint.load_universal`."""
+        return self.load_tag != self.tag
+
+
+def _universal_conversion(ckpt_dir: str, tag: str) -> str:
+    """Collective: the tag of `tag`'s universal conversion, which rank 0 writes (shared storage) while the
+    others wait for its verdict, so a failed conversion stops every rank with its cause."""
+    error: Optional[BaseException] = None
+    if _rank() == 0 and not os.path.isdir(os.path.join(ckpt_dir, universal_tag(tag))):  # else an earlier resume's
+        print(f"converting {tag} into DeepSpeed's universal checkpoint {universal_tag(tag)}, to repartition its "
+              f"ZeRO optimizer state over another data-parallel size", flush=True)
+        try:
+            convert_to_universal(ckpt_dir, tag)
+        except Exception as e:  # reported after the vote, so no rank waits for rank 0 forever
+            error = e
+    if not _all_ranks_succeeded(error is None):
+        cause = f"{type(error).__name__}: {error}" if error is not None else "see rank 0's output"
+        raise CheckpointError(f"could not convert {os.path.join(ckpt_dir, tag)} into a universal checkpoint "
+                              f"({cause}); resume with the data-parallel size it was saved with") from error
+    return universal_tag(tag)
+
+
+def plan_resume(ckpt_dir: str, current: CheckpointLayout) -> Optional[ResumePlan]:
+    """Collective: what resuming in layout `current` loads, or None when there is no complete checkpoint.
+
+    Refuses, on every rank, a checkpoint that is not the same on every rank or whose layout cannot resume
+    in `current`, and writes the universal conversion a ZeRO 1/2 change of DP size needs.
     """
     tag = _agreed_tag(ckpt_dir)
     if tag is None:
         return None
-    saved, current = read_layout(ckpt_dir, tag), _current_layout(engine)
-    if saved is not None:  # checkpoints from before layout records load as before
-        check_resumable(saved, current, os.path.join(ckpt_dir, tag))
+    saved = read_layout(ckpt_dir, tag)
+    if saved is None:  # checkpoints from before layout records load as before
+        return ResumePlan(tag, None, tag)
+    check_resumable(saved, current, os.path.join(ckpt_dir, tag))
+    load_tag = _universal_conversion(ckpt_dir, tag) if needs_universal(saved, current) else tag
+    return ResumePlan(tag, saved, load_tag)
+
+
+def load_checkpoint(engine: Any, ckpt_dir: str, plan: ResumePlan) -> dict[str, Any]:
+    """Restore checkpoint `plan` into `engine` (built for it: see ResumePlan.universal) and this rank's RNGs.
+
+    Returns DeepSpeed's client state (step, sampler position, ...).
+    """
+    if bool(engine.load_universal_checkpoint()) != plan.universal:
+        raise RuntimeError(f"loading {plan.load_tag} needs an engine built with checkpoint.load_universal="
+                           f"{plan.universal}")
+    tag, saved, current = plan.tag, plan.saved, _current_layout(engine)
     try:
-        load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=tag)
+        load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=plan.load_tag)
     except Exception as e:  # DeepSpeed's own message names files, not the usual cause
-        raise CheckpointError(f"could not load checkpoint {tag} from {ckpt_dir} ({type(e).__name__}: {e}). A "
-                              f"checkpoint resumes with the ZeRO stage, parallel layout and world size it was saved "
-                              f"with; without --deepspeed_config the stage is 0 on one data-parallel rank and 1 "
-                              f"otherwise, so pass the json the run was started with") from e
+        raise CheckpointError(f"could not load checkpoint {plan.load_tag} from {ckpt_dir} ({type(e).__name__}: "
+                              f"{e}). A checkpoint resumes with the ZeRO stage, parallel layout and world size it "
+                              f"was saved with; without --deepspeed_config the stage is 0 on one data-parallel "
+                              f"rank and 1 otherwise, so pass the json the run was started with") from e
     if load_path is None:
         raise CheckpointError(f"{os.path.join(ckpt_dir, POINTER)} names {tag!r} but DeepSpeed could not load it; "
                               f"delete the pointer to start afresh or point it at another complete tag")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megamu.config import Config, ConfigError
+from megamu.config import Config, ConfigError, pipeline_blocks
 from megamu.model import mup
 from megamu.model.layers import (Attention, Block, EmbeddingLayer, GeluMLP, LayerNorm, Readout, RMSNorm, SwiGLU,
                                  make_norm)
@@ -47,6 +47,33 @@ def build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: b
 
 
 LayerBuilder = tuple[type[nn.Module], Callable[[], nn.Module]]
+
+
+LOGICAL_PREFIX = "layers"
+
+
+def logical_name(layer_index: int, name: str) -> str:
+    """Parameter `name` of layer `layer_index` as the Transformer calls it (`layers.3.attn.q.weight`): the
+    stable name that seeds init and names checkpoint tensors whatever stage holds the layer."""
+    return f"{LOGICAL_PREFIX}.{layer_index}.{name}"
+
+
+def stage_name(logical: str) -> str:
+    """What a pipeline stage calls logical parameter `logical` (`3.attn.q.weight`): DeepSpeed's PipelineModule
+    registers layer i as module "i"."""
+    prefix = f"{LOGICAL_PREFIX}."
+    if not logical.startswith(prefix):
+        raise ValueError(f"{logical!r} is not a logical parameter name (`{prefix}<layer>.<name>`)")
+    return logical[len(prefix):]
+
+
+def stage_boundaries(cfg: Config) -> list[int]:
+    """Pipeline stage s holds layers [bounds[s], bounds[s+1]) of [embedding, blocks..., final norm, readout]."""
+    bounds, first_block = [0], 1
+    for blocks in pipeline_blocks(cfg)[:-1]:
+        first_block += blocks
+        bounds.append(first_block)
+    return bounds + [cfg.model.n_layers + 3]
 
 
 def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> list[LayerBuilder]:

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamu.checkpoint import load_checkpoint, read_pointer, save_checkpoint, tag_for
+from megamu.checkpoint import (current_layout, load_checkpoint, plan_resume, read_pointer, save_checkpoint, tag_for,
+                               with_load_universal)
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
 from megamu.errors import MegamuError
 from megamu.parallel.watchdog import start_watchdog
@@ -60,11 +61,8 @@ class Progress:
 
 class Trainer:
     def __init__(self, cfg: Config) -> None:
-        from megamu.data import build_datasets
-        from megamu.model import flops_per_token, param_counts
         from megamu.parallel import initialize_parallel
         from megamu.parallel.launch_env import apply_launch_env
-        from megamu.parallel.random import seed_tensor_parallel_rng
 
         # srun / mpirun give the world size in their own variables: derive it before validating the config.
         world_size = apply_launch_env().world_size
@@ -78,8 +76,26 @@ class Trainer:
         self.world_size = dist.get_world_size()
         self.is_writer = self.rank == 0
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        # Before the engine, which must be built to load a universal checkpoint; and before the watchdog, so
+        # that a refused resume ends every rank as a user error.
+        self.resume_plan = plan_resume(self.ckpt_dir, current_layout(zero_stage(self.ds_config))) if t.resume else None
+        if self.resume_plan is not None and self.resume_plan.universal:
+            self.ds_config = with_load_universal(self.ds_config)
         # From here on a lost peer ends this rank within the heartbeat timeout, naming the peer.
         self.watchdog = start_watchdog(cfg.parallel.heartbeat_timeout_s)
+        try:
+            self._build()
+        except BaseException as error:
+            self._report_failure(error)
+            raise
+
+    def _build(self) -> None:
+        """Data, engine and run metadata: everything after the watchdog starts."""
+        from megamu.data import build_datasets
+        from megamu.model import flops_per_token, param_counts
+        from megamu.parallel.random import seed_tensor_parallel_rng
+
+        cfg, t = self.cfg, self.cfg.train
         self.preemption = Preemption(t.preempt_grace_s, self._resume_point)
         if self.is_writer:
             os.makedirs(t.out_dir, exist_ok=True)
@@ -134,15 +150,13 @@ class Trainer:
         client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
                                    "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
                                    "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
-        save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state)
+        save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state, self.cfg)
 
     def _resume(self, progress: Progress) -> int:
         """Load the newest complete checkpoint if asked to; returns the samples already consumed."""
-        if not self.cfg.train.resume:
+        if self.resume_plan is None:
             return 0
-        client = load_checkpoint(self.engine, self.ckpt_dir)
-        if client is None:
-            return 0
+        client = load_checkpoint(self.engine, self.ckpt_dir, self.resume_plan)
         saved = client["megamu"]
         progress.step = int(saved["step"])
         progress.skipped_steps = int(saved["skipped_steps"])
@@ -159,14 +173,18 @@ class Trainer:
             with self.preemption:
                 summary = self._train()
         except BaseException as error:
-            if self.watchdog is not None:
-                # A user error or a divergence is every rank's own; anything else may echo a lost peer.
-                self.watchdog.fail(maybe_peer_loss=not isinstance(error, (MegamuError, TrainingDiverged)))
+            self._report_failure(error)
             raise
         if self.watchdog is not None:
             dist.barrier()  # every rank is done: from now on silence is not a loss
             self.watchdog.stop()
         return summary
+
+    def _report_failure(self, error: BaseException) -> None:
+        """Tell the peers' watchdogs this rank is ending, so they stop naming it rather than waiting."""
+        if self.watchdog is not None:
+            # A user error or a divergence is every rank's own; anything else may echo a lost peer.
+            self.watchdog.fail(maybe_peer_loss=not isinstance(error, (MegamuError, TrainingDiverged)))
 
     def _train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train

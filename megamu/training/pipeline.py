@@ -118,7 +118,7 @@ def build_pipeline_engine(cfg: Config, ds_config: dict, state: ParallelState) ->
     """This rank's pipeline stage in DeepSpeed's PipelineEngine (no mpu: the module's grid is megamu's
     groups, checked), ready to step."""
     import deepspeed
-    from megamu.model.pipeline import TransformerPipe
+    from megamu.training.pipeline_module import TransformerPipe
     from megamu.training.engine import innermost_optimizer
     from megamu.training.optim import build_optimizer, restore_lr_mults
 

@@ -2,10 +2,13 @@
 
 Pipeline layer i is `Transformer.layers[i]` (embedding, the blocks, final norm, readout). DeepSpeed registers
 it as module "i", so a stage's parameter "3.attn.q.weight" is the Transformer's "layers.3.attn.q.weight",
-its logical name. Init is keyed by the logical name: a PP=k model's weights are the PP=1 model's.
+its logical name (`model.transformer.logical_name`). Init is keyed by the logical name: a PP=k model's
+weights are the PP=1 model's.
 
 Stages own whole blocks, `config.pipeline_blocks(cfg)[s]` on stage s; the first stage also holds the
-embedding, the last the final norm and the readout, whose vocab-parallel cross entropy is the loss.
+embedding, the last the final norm and the readout, whose vocab-parallel cross entropy is the loss. The
+block split replaces DeepSpeed's own partitioning by overriding its `_partition_layers`, a private
+method: setup.py bounds deepspeed below 0.20 so a change there cannot pass unnoticed.
 """
 from __future__ import annotations
 
@@ -16,26 +19,11 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megamu.config import Config, pipeline_blocks
+from megamu.config import Config
 from megamu.model import mup
-from megamu.model.transformer import check_buildable, layer_builders
+from megamu.model.transformer import (LOGICAL_PREFIX, check_buildable, layer_builders, logical_name,
+                                      stage_boundaries)
 from megamu.parallel.layers import register_partial_grad_allreduce
-
-LOGICAL_PREFIX = "layers"
-
-
-def logical_name(layer_index: int, name: str) -> str:
-    """A pipeline layer's parameter `name` as the Transformer calls it."""
-    return f"{LOGICAL_PREFIX}.{layer_index}.{name}"
-
-
-def stage_boundaries(cfg: Config) -> list[int]:
-    """Stage s holds layers [bounds[s], bounds[s+1]) of [embedding, blocks..., final norm, readout]."""
-    bounds, first_block = [0], 1
-    for blocks in pipeline_blocks(cfg)[:-1]:
-        first_block += blocks
-        bounds.append(first_block)
-    return bounds + [cfg.model.n_layers + 3]
 
 
 class _BuiltBy(LayerSpec):
