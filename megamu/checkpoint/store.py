@@ -18,10 +18,8 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 import torch.distributed as dist
 
-from megamu import runtime
 from megamu.checkpoint.layout import (CheckpointLayout, check_resumable, needs_universal, read_layout,
                                       rng_source_rank, save_layout)
 from megamu.checkpoint.pointer import POINTER, read_pointer, tag_for, write_pointer
@@ -29,7 +27,7 @@ from megamu.checkpoint.rng import load_rng_state, save_rng_state
 from megamu.checkpoint.universal import convert_to_universal, universal_info, universal_tag
 from megamu.config import Config
 from megamu.errors import CheckpointError
-from megamu.parallel.state import get_parallel_state
+from megamu.parallel.state import any_rank, get_parallel_state
 
 
 def _rank() -> int:
@@ -37,11 +35,7 @@ def _rank() -> int:
 
 
 def _all_ranks_succeeded(ok: bool) -> bool:
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=runtime.device())
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+    return not any_rank(not ok)
 
 
 def current_layout(zero_stage: int) -> CheckpointLayout:

@@ -17,6 +17,7 @@ import datetime
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d
 
@@ -175,6 +176,16 @@ def initialize_parallel(tensor: int = 1, pipeline: int = 1, timeout_minutes: flo
     layout = ParallelLayout(dist.get_world_size(), tensor, pipeline)
     _STATE = ParallelState(layout, dist.get_rank(), timeout)
     return _STATE
+
+
+def any_rank(flag: bool, group: Optional[dist.ProcessGroup] = None) -> bool:
+    """Collective over `group` (default: the world): True on every rank when `flag` is true on at least one,
+    so ranks take the same branch (skip a step, stop, refuse a checkpoint) whatever each saw alone."""
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return flag
+    buf = torch.tensor([float(flag)], device=runtime.device())
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    return buf.item() > 0.0
 
 
 def get_parallel_state() -> ParallelState:

@@ -22,7 +22,8 @@ from megamu.parallel.pipeline_grid import check_pipeline_grid, pipeline_topology
 from megamu.parallel.state import ParallelState
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
-from megamu.training.step import NonFiniteStepGate, OptimizerStep, StepOutcome, any_rank, tp_grad_norm
+from megamu.parallel.state import any_rank
+from megamu.training.step import NonFiniteStepGate, OptimizerStep, StepOutcome, tp_grad_norm
 
 
 class PipelineStepGate(NonFiniteStepGate):

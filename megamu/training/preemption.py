@@ -18,10 +18,9 @@ import threading
 from types import FrameType
 from typing import Callable, Optional
 
-import torch
 import torch.distributed as dist
 
-from megamu import runtime
+from megamu.parallel.state import any_rank
 
 EXIT_GRACE_EXPIRED = 128 + signal.SIGTERM
 
@@ -72,8 +71,4 @@ class Preemption:
 
     def agreed(self) -> bool:
         """Collective: True on every rank when any rank has received SIGTERM."""
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=runtime.device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested)

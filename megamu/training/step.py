@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from megamu import runtime
 from megamu.config import TrainConfig
+from megamu.parallel.state import any_rank
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
 
@@ -31,15 +31,6 @@ def group_mean(total: float, count: int, group: Optional[dist.ProcessGroup], dev
     buf = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
     dist.all_reduce(buf, group=group)
     return float(buf[0] / buf[1])
-
-
-def any_rank(flag: bool, group: Optional[dist.ProcessGroup]) -> bool:
-    """True on every rank of `group` when `flag` is true on at least one of them."""
-    if not dist.is_initialized():
-        return flag
-    buf = torch.tensor([float(flag)], device=runtime.device())
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    return buf.item() > 0.0
 
 
 def tp_grad_norm(params: Iterable[torch.nn.Parameter], first_tp_rank: bool, group: Optional[dist.ProcessGroup],
