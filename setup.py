@@ -25,8 +25,9 @@ setup(
     extras_require={
         "wandb": ["wandb>=0.16"],
         "apex": [],  # NVIDIA apex is never required; megamu uses torch-native fused ops.
-        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16"],
-        "bench": ["transformers>=4.40"],  # benchmarks/bench_train.py compares with HF LlamaForCausalLM
+        # transformers: tests and benchmarks compare with HF LlamaForCausalLM of the same shape
+        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16", "transformers>=4.40"],
+        "bench": ["transformers>=4.40"],
     },
     entry_points={
         "console_scripts": [

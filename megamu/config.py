@@ -68,6 +68,8 @@ class DataConfig:
     split: str = "969,30,1"
     cache_dir: Optional[str] = None  # where sample indices are cached; None = beside the data
     bytes_per_token: Optional[float] = None  # for bits-per-byte; None = measured from the tokenizer
+    # processes preparing batches ahead of the step; None = 1 on CUDA (overlaps the GPU), 0 on CPU (spare no core)
+    loader_workers: Optional[int] = None
 
 
 @dataclass
@@ -99,7 +101,10 @@ class TrainConfig:
     preempt_grace_s: float = 25.0
     deepspeed_config: Optional[str] = None  # ds_configs/zeroN.json; None = ZeRO 1 (ZeRO 0 at DP=1)
     dtype: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16"
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block (regional compilation)
+    # readout + cross entropy fused over chunks of tokens: full-batch fp32 logits are never materialised
+    fused_cross_entropy: bool = True
+    fp8: bool = False  # FP8 linear layers through torchao (H100/H200 class GPUs only)
     # "none", "selective" (recompute norms, attention core and MLP activation) or "full" (every block) in backward
     activation_checkpointing: str = "none"
 
@@ -303,6 +308,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
              f"train.compile=true with train.activation_checkpointing={t.activation_checkpointing} cannot replay the "
              f"per-TP-rank dropout stream (model.dropout={m.dropout}, parallel.tensor={p.tensor}) in compiled "
              f"recomputation; set model.dropout=0, train.compile=false or train.activation_checkpointing=none")
+    _require(cfg.data.loader_workers is None or cfg.data.loader_workers >= 0,
+             f"data.loader_workers={cfg.data.loader_workers} must not be negative (0 = batches in the training "
+             f"process, null = the device's default)")
     _require(t.micro_batch_size > 0 and t.global_batch_size > 0,
              "train.micro_batch_size and train.global_batch_size must be positive")
     _require(t.max_steps > 0, "train.max_steps must be positive")

@@ -1,4 +1,4 @@
-"""Writing files so that a crash never leaves one that looks complete.
+"""Writing files so that a crash never leaves one that looks complete, and fingerprinting them.
 
 `atomic_write` writes to a temporary file beside the target (a name no other writer, process or thread,
 can share), flushes and fsyncs it, renames it into place and fsyncs the directory, so the rename itself
@@ -7,6 +7,7 @@ survives a power loss; until the rename the old file (or none) is what readers s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from typing import IO, Iterator
@@ -61,3 +62,12 @@ def _fsync_directory(directory: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_sha256(path: str) -> str:
+    """Hex SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

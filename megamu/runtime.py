@@ -62,6 +62,14 @@ def pin_memory() -> bool:
     return on_cuda()
 
 
+def loader_workers(requested: Optional[int]) -> int:
+    """Batch-preparing worker processes: as requested, else one on CUDA (it overlaps the GPU's step) and none
+    on the CPU, where a worker would take a core from the step."""
+    if requested is not None:
+        return requested
+    return 1 if on_cuda() else 0
+
+
 def compile_problem() -> Optional[str]:
     """Why torch.compile (inductor) cannot run here, or None when it can."""
     import torch._dynamo

@@ -349,6 +349,10 @@ class IndexedDataset:
     def num_tokens(self) -> int:
         return int(self._tokens.size)
 
+    def max_token_id(self, chunk: int = 1 << 26) -> int:
+        """The largest token id in the .bin (-1 when empty), scanned in chunks so memory stays bounded."""
+        return max((int(self._tokens[i:i + chunk].max()) for i in range(0, self.num_tokens, chunk)), default=-1)
+
     def document(self, k: int) -> list[np.ndarray]:
         """The sequences of document k."""
         start, end = int(self.doc_idx[k]), int(self.doc_idx[k + 1])

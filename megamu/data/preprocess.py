@@ -24,7 +24,7 @@ from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
 from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError, DataError
-from megamu.fileio import atomic_write
+from megamu.fileio import atomic_write, file_sha256
 
 CHUNK_DOCUMENTS = 256
 CHUNK_BYTES = 256 << 10  # small enough to balance the workers to the end of the input
@@ -186,12 +186,15 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
     documents = iter_documents(sources, key, report, skip_bad=skip_bad, max_documents=max_documents)
     start = time.perf_counter()
     written = n_tokens = n_bytes = 0
+    max_token_id = -1
     bar = tqdm(desc=f"tokenizing {key}", unit="doc", disable=not progress, smoothing=0.1)
     with IndexedDatasetWriter(data_prefix, dtype) as writer:
         for chunk, tokens, lengths in _encoded_in_order(_chunks(documents), tokenizer, pool, eod_id, dtype, workers):
             writer.add_documents(tokens, lengths)
             written += len(chunk)
             n_tokens += tokens.size
+            if tokens.size:
+                max_token_id = max(max_token_id, int(tokens.max()))
             n_bytes += sum(d.nbytes for d in chunk)
             elapsed = max(time.perf_counter() - start, 1e-9)
             bar.update(len(chunk))
@@ -209,6 +212,7 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
         "documents": written, "tokens": n_tokens, "bytes": n_bytes, "skipped": summary.skipped,
         "invalid_utf8": summary.invalid_utf8, "append_eod": eod_id is not None,
         "tokenizer": os.path.abspath(tokenizer.model_path), "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": file_sha256(tokenizer.model_path), "max_token_id": max_token_id,
     })
     return summary
 
@@ -253,5 +257,12 @@ def merge(prefixes: Sequence[str], output_prefix: str) -> Optional[dict]:
     stats = {key: sum(p[key] for p in parts) for key in ("documents", "tokens", "bytes", "invalid_utf8")}
     stats.update(skipped=skipped, append_eod=all(p["append_eod"] for p in parts),
                  tokenizer=parts[0]["tokenizer"], vocab_size=parts[0]["vocab_size"])
+    # Sidecars written before these keys existed lack them; the trainer then scans the data instead.
+    digests = {p.get("tokenizer_sha256") for p in parts}
+    if len(digests) == 1 and None not in digests:
+        stats["tokenizer_sha256"] = digests.pop()
+    max_ids = [p.get("max_token_id") for p in parts]
+    if None not in max_ids:
+        stats["max_token_id"] = max(max_ids)
     _write_stats(output_prefix, stats)
     return stats

@@ -73,8 +73,8 @@ class DistributedBatchSampler:
         return self.num_global_batches * self.accumulation_steps
 
     def state_dict(self) -> dict[str, int]:
-        # A DataLoader with workers draws batches ahead of training; a trainer using one should
-        # save steps_done · global_batch_size rather than this count.
+        # A DataLoader with workers draws batches ahead of training, so this count runs ahead of the
+        # steps done; the trainer counts consumed samples itself.
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, int]) -> None:

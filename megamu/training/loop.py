@@ -19,9 +19,10 @@ import torch.distributed as dist
 from megamu.checkpoint import (current_layout, load_checkpoint, plan_resume, read_pointer, save_checkpoint, tag_for,
                                with_load_universal)
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
+from megamu.data.vocabulary import check_token_ids
 from megamu.errors import MegamuError
 from megamu.parallel.watchdog import start_watchdog
-from megamu.runtime import peak_flops, train_dtype
+from megamu.runtime import loader_workers, peak_flops, train_dtype
 from megamu.training.ds_config import build_ds_config, zero_stage
 from megamu.training.engine import build_engine
 from megamu.training.guards import BadStepCounter, TrainingDiverged, is_finite
@@ -53,6 +54,8 @@ def _bytes_per_token(cfg: Config) -> Optional[float]:
 @dataclass
 class Progress:
     step: int = 0  # optimizer steps done (skipped ones included: their data is consumed)
+    # Samples the steps done have drawn; counted here, not by the sampler, which loader workers run ahead of.
+    consumed_samples: int = 0
     skipped_steps: int = 0
     train_losses: list = field(default_factory=list)
     last_eval: Optional[dict] = None
@@ -68,6 +71,7 @@ class Trainer:
         world_size = apply_launch_env().world_size
         self.notes = resolve(cfg, world_size, need_data=True)
         self.cfg = cfg
+        check_token_ids(data_prefixes(cfg), cfg.model.vocab_size, cfg.data.tokenizer_model)
         dp_size = data_parallel_size(cfg, world_size)
         self.ds_config = build_ds_config(cfg, dp_size)  # refuses bad combinations before any allocation
         t = cfg.train
@@ -126,41 +130,42 @@ class Trainer:
         }
 
     # ---- data -----------------------------------------------------------------------------
-    def _batches(self, split: str, num_samples: int, consumed: int = 0):
+    def _batches(self, split: str, num_samples: int, consumed: int = 0) -> "torch.utils.data.DataLoader":
         from megamu.data.sampler import DistributedBatchSampler, make_dataloader
 
         t = self.cfg.train
         sampler = DistributedBatchSampler(num_samples, t.global_batch_size, t.micro_batch_size,
                                           self.state.get_data_parallel_rank(),
                                           self.state.get_data_parallel_world_size(), consumed_samples=consumed)
-        return sampler, make_dataloader(self.datasets[split], sampler)
+        return make_dataloader(self.datasets[split], sampler, loader_workers(self.cfg.data.loader_workers))
 
     # ---- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> Optional[dict]:
         t = self.cfg.train
         if t.eval_iters <= 0 or "valid" not in self.datasets:
             return None
-        _, loader = self._batches("valid", t.eval_iters * t.global_batch_size)
+        loader = self._batches("valid", t.eval_iters * t.global_batch_size)
         val_loss = self.optimizer_step.validation_loss(loader)
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.bytes_per_token)}
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def _save(self, progress: Progress, sampler: Any) -> None:
+    def _save(self, progress: Progress) -> None:
         # Under one key: DeepSpeed strips its own names (skipped_steps, global_steps, ...) from client state.
         client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
-                                   "sampler": sampler.state_dict(), "tokens": progress.step * self.tokens_per_step,
+                                   "sampler": {"consumed_samples": progress.consumed_samples},
+                                   "tokens": progress.step * self.tokens_per_step,
                                    "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
         save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state, self.cfg)
 
-    def _resume(self, progress: Progress) -> int:
-        """Load the newest complete checkpoint if asked to; returns the samples already consumed."""
+    def _resume(self, progress: Progress) -> None:
+        """Load the newest complete checkpoint into the engine and `progress`, if asked to."""
         if self.resume_plan is None:
-            return 0
+            return
         client = load_checkpoint(self.engine, self.ckpt_dir, self.resume_plan)
         saved = client["megamu"]
         progress.step = int(saved["step"])
         progress.skipped_steps = int(saved["skipped_steps"])
-        return int(saved["sampler"]["consumed_samples"])
+        progress.consumed_samples = int(saved["sampler"]["consumed_samples"])
 
     def _resume_point(self) -> str:
         tag = read_pointer(self.ckpt_dir)
@@ -189,9 +194,9 @@ class Trainer:
     def _train(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         progress = Progress()
-        consumed = self._resume(progress)
+        self._resume(progress)
         start_step = progress.step
-        sampler, loader = self._batches("train", t.max_steps * t.global_batch_size, consumed)
+        loader = self._batches("train", t.max_steps * t.global_batch_size, progress.consumed_samples)
         batches = iter(loader)
         last_step = t.stop_at_step or t.max_steps
         logger = RunLogger(cfg, self.meta, self.is_writer, start_step)
@@ -207,6 +212,7 @@ class Trainer:
                 outcome = self.optimizer_step(progress.step, batches)
                 loss, grad_norm, bad = outcome.loss, outcome.grad_norm, outcome.skipped
                 progress.step += 1
+                progress.consumed_samples += t.global_batch_size
                 window_steps += 1
                 progress.train_losses.append(loss)
                 stop = guard.record(bad)
@@ -225,7 +231,7 @@ class Trainer:
                                      eta_s=remaining)
                     window_start, window_steps = now, 0
                 if stop:
-                    self._save(progress, sampler)
+                    self._save(progress)
                     raise TrainingDiverged(
                         f"{guard.consecutive} consecutive steps with non-finite loss or gradients (train.max_bad_steps="
                         f"{t.max_bad_steps}) at step {progress.step}; saved checkpoint "
@@ -237,7 +243,7 @@ class Trainer:
                     if progress.last_eval is not None:
                         logger.log_eval({**self._counters(progress.step), **progress.last_eval})
                 if (t.save_interval and progress.step % t.save_interval == 0) or at_end or progress.preempted:
-                    self._save(progress, sampler)
+                    self._save(progress)
                 if progress.preempted:
                     logger.message(f"stopped by SIGTERM after step {progress.step} of {last_step}; a resume "
                                    f"(train.resume=true) continues from {self._resume_point()}")
