@@ -99,4 +99,6 @@ def test_compile_problem_names_the_missing_compiler(monkeypatch):
 def test_bf16_on_cpu_builds_a_bf16_deepspeed_config():
     cfg = load_config(None, ["train.dtype=bf16", "train.micro_batch_size=2", "train.global_batch_size=8"])
     ds = build_ds_config(cfg, dp_size=1)
-    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 0
+    # ZeRO 1 even at DP=1: DeepSpeed accumulates micro-batch gradients in fp32 only from ZeRO 1 on.
+    assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"

@@ -3,6 +3,7 @@ stop the run with a checkpoint and exit code 3. NaNs are injected with a forward
 model in a real `python -m megamu.train` process."""
 from __future__ import annotations
 
+import glob
 import math
 
 import pytest
@@ -37,17 +38,25 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tokenizer
     config = write_config(str(tmp_path / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
                           str(tmp_path / "run"))
     result = run_script(INJECT_NAN, ["--config", config, "train.micro_batch_size=8", "train.eval_iters=0",
-                                     "train.max_bad_steps=2", "--deepspeed_config", "ds_configs/zero0.json"])
+                                     "train.max_bad_steps=2", "train.save_interval=1",
+                                     "--deepspeed_config", "ds_configs/zero0.json"])
     assert result.returncodes == [3], result.describe()
-    assert "2 consecutive steps with non-finite loss" in result.ranks[0].output
+    output = result.ranks[0].output
+    assert "2 consecutive steps with non-finite loss" in output
     train = read_records(str(tmp_path / "run"), "train")
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5]
     assert train[1]["loss"] is None and train[1]["skipped_steps"] == 1  # step 2: skipped, counted
     assert math.isfinite(train[2]["loss"]) and train[2]["skipped_steps"] == 1  # step 3 trains on
     assert train[2]["loss"] < train[0]["loss"]
     assert train[4]["skipped_steps"] == 3  # steps 4 and 5 in a row: stop
+    # Saved every step, except while non-finite steps run (2, 4): the pointer keeps step 3, from before the
+    # streak that stopped the run, and the weights at the stop are kept aside under another name.
     ckpt = tmp_path / "run" / "checkpoints"
-    assert (ckpt / "latest_complete").read_text().strip() == "global_step5"
+    assert (ckpt / "latest_complete").read_text().strip() == "global_step3"
+    assert sorted(p.name for p in ckpt.glob("global_step*")) == ["global_step1", "global_step3",
+                                                                   "global_step5_diverged"]
+    assert output.count("checkpoint postponed while steps are non-finite") == 2
+    assert "saved as global_step5_diverged" in output and "continues from checkpoint global_step3" in output
 
 
 # The same steps, but the loss stays finite and one weight's gradient becomes NaN in backward.
@@ -71,6 +80,54 @@ def test_nan_gradients_with_a_finite_loss_are_skipped(tmp_path, tiny_tokenizer, 
     assert [r["skipped_steps"] for r in train] == [0, 1, 1, 2, 3]
     assert train[1]["grad_norm"] is None and math.isfinite(train[2]["grad_norm"])
     assert train[2]["loss"] < train[0]["loss"]  # the skipped update left the weights usable
+
+
+# Prints, after every step, a digest of what an update changes: the innermost optimizer's (fp32 master)
+# weights and AdamW state.
+DIGEST_STEPS = """
+import hashlib
+import torch
+from megamu.training import step as step_module
+call = step_module.OptimizerStep.__call__
+def digest(optimizer):
+    tensors = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors += [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+    return hashlib.sha1(b"".join(t.detach().float().numpy().tobytes() for t in tensors)).hexdigest()
+def digesting_call(self, step, batches):
+    outcome = call(self, step, batches)
+    print(f"DIGEST {step + 1} {digest(self.gate.optimizer)}", flush=True)
+    return outcome
+step_module.OptimizerStep.__call__ = digesting_call
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+@pytest.mark.parametrize("poison", ["loss", "grad"])
+def test_bf16_skips_count_once_keep_the_weights_and_stop_the_run(tmp_path, tiny_tokenizer, tiny_dataset_prefix,
+                                                                 stage, poison):
+    """In bf16 DeepSpeed's wrapper (ZeRO 0: FP16_UnfusedOptimizer, ZeRO 1: BF16_Optimizer) skips these steps
+    before megamu's gate sees them; the loop must still count each once and stop after two in a row."""
+    config = write_config(str(tmp_path / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
+                          str(tmp_path / "run"))
+    script = DIGEST_STEPS + (INJECT_NAN if poison == "loss" else INJECT_NAN_GRAD)
+    result = run_script(script, ["--config", config, "train.dtype=bf16", "train.micro_batch_size=8",
+                                 "train.eval_iters=0", "train.max_bad_steps=2",
+                                 "--deepspeed_config", f"ds_configs/zero{stage}.json"])
+    assert result.returncodes == [3], result.describe()
+    output = result.ranks[0].output
+    train = read_records(str(tmp_path / "run"), "train")
+    assert [r["skipped_steps"] for r in train] == [0, 1, 1, 2, 3]  # steps 2, 4, 5: each counted once
+    assert [r["grad_norm"] is None for r in train] == [False, True, False, True, True]  # non-finite: null
+    assert [r["loss"] is None for r in train] == [False, poison == "loss", False, poison == "loss", poison == "loss"]
+    assert output.count("update skipped") == 3
+    # Logged with the step's own non-finite norm: ZeRO 0 megamu's (NaN), ZeRO 1 DeepSpeed's (inf for any).
+    norm = "nan" if stage == 0 else "inf"
+    assert all(f"step {s}: non-finite" in output and f"grad norm {norm}); update skipped" in output for s in (2, 4, 5))
+    digests = dict(line.split()[1:] for line in output.splitlines() if line.startswith("DIGEST "))
+    assert digests["1"] == digests["2"] != digests["3"] == digests["4"] == digests["5"]  # skipped: no update
+    assert train[2]["loss"] < train[0]["loss"]
+    # The stop saved step 5's weights (under the tag the loop gives a diverged run).
+    assert glob.glob(str(tmp_path / "run" / "checkpoints" / "global_step5_diverged" / "mp_rank_00_model_states.pt"))
 
 
 def test_gate_skips_the_update_when_loss_is_bad_or_grads_are_not_finite():

@@ -17,6 +17,11 @@ def tag_for(step: int) -> str:
     return f"global_step{step}"
 
 
+def diverged_tag(step: int) -> str:
+    """The tag of the weights a diverged run stopped with: kept for inspection, never the pointer's target."""
+    return f"{tag_for(step)}_diverged"
+
+
 def read_pointer(ckpt_dir: str) -> Optional[str]:
     """The tag of the newest complete checkpoint, or None if there is none."""
     path = os.path.join(ckpt_dir, POINTER)

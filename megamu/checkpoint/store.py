@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megamu.checkpoint.layout import (CheckpointLayout, check_resumable, needs_universal, read_layout,
                                       rng_source_rank, save_layout)
-from megamu.checkpoint.pointer import POINTER, read_pointer, tag_for, write_pointer
+from megamu.checkpoint.pointer import POINTER, diverged_tag, read_pointer, tag_for, write_pointer
 from megamu.checkpoint.rng import load_rng_state, save_rng_state
 from megamu.checkpoint.universal import convert_to_universal, universal_info, universal_tag
 from megamu.config import Config
@@ -80,13 +80,15 @@ def _agreed_tag(ckpt_dir: str) -> Optional[str]:
                           f"such a path")
 
 
-def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[str, Any], cfg: Config) -> str:
+def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[str, Any], cfg: Config, *,
+                    diverged: bool = False) -> str:
     """Save through DeepSpeed the model of `cfg`, then move megamu's pointer once every rank has written
-    everything.
+    everything. `diverged`: the weights of a run that stopped on non-finite steps, saved under
+    `diverged_tag` for inspection; the pointer stays where it was, so a resume never starts from them.
 
     Collective: every rank must call it. Returns the tag.
     """
-    tag = tag_for(step)
+    tag = diverged_tag(step) if diverged else tag_for(step)
     rank = _rank()
     layout = _current_layout(engine)
     # What DeepSpeed's universal converter reads from the model files, should a resume change the DP size.
@@ -107,7 +109,7 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[st
         # Not a CheckpointError: the cause may be a bug, whose traceback must survive.
         raise RuntimeError(f"checkpoint {tag} in {ckpt_dir} failed on at least one rank; "
                            f"{POINTER} still names the previous complete checkpoint") from error
-    if rank == 0:
+    if rank == 0 and not diverged:
         write_pointer(ckpt_dir, tag)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the pointer (or exits) before it has moved

@@ -149,13 +149,13 @@ class Trainer:
         return {"val_loss": val_loss, "val_bpb": bits_per_byte(val_loss, self.bytes_per_token)}
 
     # ---- checkpoints ----------------------------------------------------------------------
-    def _save(self, progress: Progress) -> None:
+    def _save(self, progress: Progress, diverged: bool = False) -> str:
         # Under one key: DeepSpeed strips its own names (skipped_steps, global_steps, ...) from client state.
         client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
                                    "sampler": {"consumed_samples": progress.consumed_samples},
                                    "tokens": progress.step * self.tokens_per_step,
                                    "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
-        save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state, self.cfg)
+        return save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state, self.cfg, diverged=diverged)
 
     def _resume(self, progress: Progress) -> None:
         """Load the newest complete checkpoint into the engine and `progress`, if asked to."""
@@ -166,6 +166,13 @@ class Trainer:
         progress.step = int(saved["step"])
         progress.skipped_steps = int(saved["skipped_steps"])
         progress.consumed_samples = int(saved["sampler"]["consumed_samples"])
+
+    def _restart_advice(self) -> str:
+        """Where a resume after a divergence starts: the pointer never names the diverged weights."""
+        tag = read_pointer(self.ckpt_dir)
+        if tag is None:
+            return "start again (no checkpoint was saved before these steps)"
+        return f"resume with train.resume=true: it continues from checkpoint {tag}, saved before these steps"
 
     def _resume_point(self) -> str:
         tag = read_pointer(self.ckpt_dir)
@@ -231,18 +238,22 @@ class Trainer:
                                      eta_s=remaining)
                     window_start, window_steps = now, 0
                 if stop:
-                    self._save(progress)
+                    kept = self._save(progress, diverged=True)
                     raise TrainingDiverged(
                         f"{guard.consecutive} consecutive steps with non-finite loss or gradients (train.max_bad_steps="
-                        f"{t.max_bad_steps}) at step {progress.step}; saved checkpoint "
-                        f"{tag_for(progress.step)} in {self.ckpt_dir}. Lower train.lr or raise "
-                        f"train.warmup_steps, then resume with train.resume=true")
+                        f"{t.max_bad_steps}) at step {progress.step}; the weights at the stop are saved as {kept} in "
+                        f"{self.ckpt_dir} for inspection. Lower train.lr or raise train.warmup_steps, then "
+                        f"{self._restart_advice()}")
                 at_end = progress.step == last_step
                 if (t.eval_interval and progress.step % t.eval_interval == 0) or at_end:
                     progress.last_eval = self.evaluate()
                     if progress.last_eval is not None:
                         logger.log_eval({**self._counters(progress.step), **progress.last_eval})
-                if (t.save_interval and progress.step % t.save_interval == 0) or at_end or progress.preempted:
+                periodic = t.save_interval and progress.step % t.save_interval == 0
+                if periodic and guard.consecutive and not (at_end or progress.preempted):
+                    # The pointer must keep naming a checkpoint from before the streak, should it become a divergence.
+                    logger.message(f"step {progress.step}: checkpoint postponed while steps are non-finite")
+                elif periodic or at_end or progress.preempted:
                     self._save(progress)
                 if progress.preempted:
                     logger.message(f"stopped by SIGTERM after step {progress.step} of {last_step}; a resume "

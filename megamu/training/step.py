@@ -10,6 +10,12 @@ apply is non-finite on any rank. The global gradient norm answers that for free 
 norm is finite exactly when every gradient is): the loop's own at ZeRO 0, DeepSpeed's under ZeRO 1-3,
 computed over every rank before the inner step runs. Only without a norm does the gate pass over the
 gradients itself and all-reduce the verdict, so all ranks skip together and replicas never diverge.
+
+In bf16 DeepSpeed's wrapper may decide first (see training/ds_config.py for which wrapper each ZeRO stage
+gets): at ZeRO 0 (`FP16_UnfusedOptimizer`) and ZeRO 1 (`BF16_Optimizer`) it skips a step with a non-finite
+norm without calling the inner step, on every rank alike, since its norm is global. The step still counts
+as skipped once (`engine.was_step_applied()`), and its norm is megamu's own at ZeRO 0 (NaN or inf, as
+computed); at ZeRO 1-3 it is DeepSpeed's, which reports every non-finite norm as inf, in fp32 as in bf16.
 """
 from __future__ import annotations
 
@@ -135,11 +141,12 @@ class OptimizerStep:
         grad_norm = self._zero0_grad_norm() if self.zero_stage == 0 else None
         self.gate.begin_step(loss_is_bad=loss_bad, grad_norm=grad_norm)
         engine.step()
-        reported = engine.get_global_grad_norm()
-        if reported is not None:
-            grad_norm = float(reported)
-        skipped = loss_bad or self.gate.skipped_last_step or not is_finite(grad_norm)
-        return StepOutcome(loss, grad_norm, skipped)
+        if grad_norm is None:
+            reported = engine.get_global_grad_norm()
+            grad_norm = float(reported) if reported is not None else None
+        # DeepSpeed's bf16 wrappers at ZeRO 0 and 1 skip a non-finite step before the gate can see it.
+        skipped = self.gate.skipped_last_step or not engine.was_step_applied()
+        return StepOutcome(loss, grad_norm, skipped or loss_bad or not is_finite(grad_norm))
 
     def validation_loss(self, batches: Iterable[torch.Tensor]) -> float:
         """Mean loss over this rank's validation micro batches `batches`, averaged over data parallelism."""
