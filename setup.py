@@ -26,8 +26,10 @@ setup(
         "wandb": ["wandb>=0.16"],
         "apex": [],  # NVIDIA apex is never required; megamu uses torch-native fused ops.
         # transformers: tests and benchmarks compare with HF LlamaForCausalLM of the same shape
-        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16", "transformers>=4.40"],
+        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16", "transformers>=4.40", "torchao>=0.18,<0.19"],
         "bench": ["transformers>=4.40"],
+        # train.fp8: megamu calls torchao's FP8 training matmul, an internal of its Float8Linear
+        "fp8": ["torchao>=0.18,<0.19"],
     },
     entry_points={
         "console_scripts": [

@@ -28,7 +28,7 @@ class ModelConfig:
     ffn_multiple_of: int = 64
     seq_len: int = 256
     vocab_size: Optional[int] = None  # None = the tokenizer's vocabulary size
-    make_vocab_size_divisible_by: int = 64  # padded vocab: fast matmuls and TP-divisible
+    make_vocab_size_divisible_by: int = 128  # padded vocab (× TP): tensor-core-sized matmuls, TP-divisible
     qk_norm: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0

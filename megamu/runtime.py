@@ -70,6 +70,23 @@ def loader_workers(requested: Optional[int]) -> int:
     return 1 if on_cuda() else 0
 
 
+FP8_COMPUTE_CAPABILITY = (8, 9)  # Ada and Hopper (H100/H200) onwards have FP8 tensor cores
+
+
+def fp8_problem() -> Optional[str]:
+    """Why FP8 training (train.fp8) cannot run here, or None when it can."""
+    if not on_cuda():
+        return "FP8 matmuls need an NVIDIA GPU with FP8 tensor cores (H100/H200 class) and this machine has none"
+    capability = torch.cuda.get_device_capability(device())
+    if capability < FP8_COMPUTE_CAPABILITY:
+        return (f"FP8 matmuls need compute capability {FP8_COMPUTE_CAPABILITY[0]}.{FP8_COMPUTE_CAPABILITY[1]} or "
+                f"newer (H100/H200 class); {torch.cuda.get_device_name(device())} has "
+                f"{capability[0]}.{capability[1]}")
+    if importlib.util.find_spec("torchao") is None:
+        return "FP8 matmuls come from torchao, which is not installed (pip install 'megamu[fp8]')"
+    return None
+
+
 def compile_problem() -> Optional[str]:
     """Why torch.compile (inductor) cannot run here, or None when it can."""
     import torch._dynamo
@@ -166,10 +183,11 @@ def measured_peak_flops(dtype: torch.dtype, device_name: str = "cpu") -> float:
 
 
 def peak_flops(dtype: str) -> PeakFlops:
-    """The per-device peak MFU is measured against: a known GPU's table entry, else a measured matmul in
-    the run's dtype ("bf16" or "fp32") on this rank's device (the CPU, or a GPU missing from the table)."""
+    """The per-device peak MFU is measured against: a known GPU's table entry (dense bf16, so for bf16 runs
+    only), else a measured matmul in the run's dtype ("bf16" or "fp32") on this rank's device (the CPU, a
+    GPU missing from the table, or an fp32 run, whose matmuls use no bf16 tensor cores)."""
     dev = device()
-    if dev.type == "cuda":
+    if dev.type == "cuda" and dtype == "bf16":
         known = table_peak(torch.cuda.get_device_name(dev))
         if known is not None:
             return known

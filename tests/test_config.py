@@ -162,3 +162,8 @@ def test_a_shipped_deepspeed_json_is_found_by_name_or_checkout_path_only(cfg, tm
         assert os.path.basename(cfg.train.deepspeed_config) == "zero2.json" and os.path.isfile(cfg.train.deepspeed_config)
     cfg.train.deepspeed_config = "/my/dir/zero2.json"  # a mistyped path is not swapped for the shipped file
     assert "train.deepspeed_config: /my/dir/zero2.json not found" in error_of(cfg)
+
+
+def test_a_negative_number_of_loader_workers_is_refused(cfg):
+    cfg.data.loader_workers = -1
+    assert "data.loader_workers=-1 must not be negative" in error_of(cfg)

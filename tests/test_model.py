@@ -65,7 +65,7 @@ def test_architectures_differ_as_configured():
 
 def test_rope_real_arithmetic_equals_complex_reference():
     head_dim, seq_len, theta = 8, 12, 500.0
-    rope = RotaryEmbedding(head_dim, theta)
+    rope = RotaryEmbedding(head_dim, theta, max_seq_len=seq_len)
     x = torch.randn(2, seq_len, 3, head_dim)
     freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), freqs)
@@ -74,6 +74,40 @@ def test_rope_real_arithmetic_equals_complex_reference():
     expected = torch.view_as_real(pairs * rotation).flatten(-2)
     torch.testing.assert_close(rope(x).double(), expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(rope(x)[:, 1:], x[:, 1:])  # it does rotate
+
+
+def _rope_at_long_positions(rope: RotaryEmbedding) -> torch.Tensor:
+    x = torch.randn(1, rope.max_seq_len, 2, rope.head_dim, generator=torch.Generator().manual_seed(0))
+    return rope(x)[:, -64:]  # positions near 8192, where bf16 angles would be off by whole radians
+
+
+@pytest.mark.parametrize("convert", [
+    lambda rope: rope.bfloat16(),
+    lambda rope: rope.to(torch.bfloat16),
+    lambda rope: rope.half().float(),  # a round trip through fp16 must not leave rounded tables behind
+], ids=["bfloat16()", "to(bf16)", "half-then-float"])
+def test_rope_tables_stay_fp32_when_the_module_is_cast(convert):
+    reference = _rope_at_long_positions(RotaryEmbedding(64, 10000.0, max_seq_len=8192))
+    rope = convert(RotaryEmbedding(64, 10000.0, max_seq_len=8192))
+    assert rope.cos.dtype == rope.sin.dtype == torch.float32
+    assert torch.equal(_rope_at_long_positions(rope), reference)
+    assert "cos" not in rope.state_dict() and "sin" not in rope.state_dict()  # derived, never checkpointed
+
+
+def test_rope_tables_are_built_after_materialising_from_meta():
+    with torch.device("meta"):
+        rope = RotaryEmbedding(64, 10000.0, max_seq_len=8192)
+    assert rope.cos.is_meta
+    rope.to_empty(device="cpu")
+    assert torch.equal(_rope_at_long_positions(rope),
+                       _rope_at_long_positions(RotaryEmbedding(64, 10000.0, max_seq_len=8192)))
+
+
+def test_bf16_model_rotates_by_the_fp32_tables():
+    model = build_model(tiny_cfg()).bfloat16()
+    for block in model.layers[1:-2]:
+        assert block.attn.rope.cos.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_rmsnorm_computes_in_fp32_and_returns_input_dtype():
@@ -131,8 +165,10 @@ def test_causality_future_tokens_do_not_change_past_logits(variant):
     assert not torch.allclose(before[:, 10:], after[:, 10:])
 
 
-def test_padded_vocab_rows_receive_no_probability():
-    cfg = tiny_cfg("mup.zero_readout=false")
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_padded_vocab_rows_receive_no_probability(fused):
+    cfg = tiny_cfg("mup.zero_readout=false", f"train.fused_cross_entropy={str(fused).lower()}")
+    assert cfg.padded_vocab_size() > VOCAB
     model = build_model(cfg)
     tokens = torch.randint(0, VOCAB, (2, 16))
     loss = model(tokens, labels=tokens)
@@ -142,6 +178,24 @@ def test_padded_vocab_rows_receive_no_probability():
     logits = model(tokens)
     expected = F.cross_entropy(logits[..., :VOCAB].reshape(-1, VOCAB), tokens.reshape(-1))
     torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa_qknorm", "gpt2"])
+def test_fused_loss_equals_plain_loss_and_gradients(variant):
+    models = {fused: build_model(tiny_cfg(*VARIANTS[variant], "mup.zero_readout=false", "mup.output_mult=3",
+                                          f"train.fused_cross_entropy={str(fused).lower()}"))
+              for fused in (True, False)}
+    tokens = torch.randint(0, VOCAB, (2, 17))
+    labels = tokens[:, 1:].clone()
+    labels[0, :5] = -100
+    losses = {fused: model(tokens[:, :-1], labels=labels) for fused, model in models.items()}
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-6, atol=1e-6)
+    for loss in losses.values():
+        loss.backward()
+    plain = dict(models[False].named_parameters())
+    for name, param in models[True].named_parameters():
+        torch.testing.assert_close(param.grad, plain[name].grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+    assert models[True].layers[-1].weight.grad.abs().sum() > 0
 
 
 def test_init_depends_on_seed_and_name_not_on_construction():

@@ -102,3 +102,11 @@ def test_bf16_on_cpu_builds_a_bf16_deepspeed_config():
     # ZeRO 1 even at DP=1: DeepSpeed accumulates micro-batch gradients in fp32 only from ZeRO 1 on.
     assert ds["bf16"]["enabled"] is True and ds["zero_optimization"]["stage"] == 1
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_an_fp32_run_on_a_known_gpu_measures_its_peak_rather_than_take_the_bf16_table(monkeypatch):
+    monkeypatch.setattr(runtime, "device", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda _dev=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(runtime, "measured_peak_flops", lambda dtype, name: 51e12 if dtype == torch.float32 else 0.0)
+    assert runtime.peak_flops("bf16").source == "table:H100 SXM"
+    assert runtime.peak_flops("fp32") == runtime.PeakFlops(51e12, "measured")

@@ -70,7 +70,7 @@ def test_gathered_init_equals_tp1(tp):
 
 
 def test_gathered_init_equals_tp1_when_vocab_padding_differs():
-    # vocab 300: padded to 320 at TP=1 but 384 at TP=2 (multiple of 64·TP); the real rows still agree.
+    # vocab 300: padded to 384 at TP=1 but 512 at TP=2 (multiple of 128·TP); the real rows still agree.
     run_distributed(4, _check_init, 2, GPT2 + ["model.vocab_size=300"])
 
 
@@ -193,7 +193,7 @@ def test_config_errors_for_tp_sizes_that_cannot_work(overrides, world, message):
 def test_padded_vocab_divides_by_the_multiple_times_tp(tp):
     cfg = tiny_cfg("model.vocab_size=1000", f"parallel.tensor={tp}")
     padded = cfg.padded_vocab_size()
-    assert padded % (64 * tp) == 0 and 1000 <= padded < 1000 + 64 * tp
+    assert padded % (128 * tp) == 0 and 1000 <= padded < 1000 + 128 * tp
 
 
 def test_build_model_refuses_a_group_of_the_wrong_size():

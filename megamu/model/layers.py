@@ -67,9 +67,7 @@ class RMSNorm(nn.Module):
         self.weight = _norm_param(dim, Role.NORM, partial_grad)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
 
 
 class LayerNorm(nn.Module):
@@ -94,21 +92,37 @@ class RotaryEmbedding(nn.Module):
     """RoPE on consecutive pairs (x[2i], x[2i+1]) with real arithmetic only, so torch.compile can trace it.
 
     Equivalent to multiplying the complex number x[2i] + i·x[2i+1] by exp(i·t·θ_i), θ_i = theta^(-2i/d).
+    The cos/sin tables of positions 0 .. max_seq_len-1 are fp32 buffers, non-persistent (derived from the
+    config, so never in a checkpoint) and rebuilt in fp32 after every `_apply` (`.to(dtype)`,
+    `.bfloat16()`, `.to_empty(...)`): a bf16 cast would leave angles wrong by whole radians at long
+    positions, and `to_empty` (from the meta device) would leave them uninitialised.
     """
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, max_seq_len: int) -> None:
         super().__init__()
-        self.head_dim, self.theta = head_dim, theta
+        self.head_dim, self.theta, self.max_seq_len = head_dim, theta, max_seq_len
+        cos, sin = self._tables(device=None)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def _tables(self, device: Optional[torch.device]) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos and sin of t·θ_i, [max_seq_len, head_dim/2]; on the default device when `device` is None."""
+        # Integer aranges made float: ZeRO 3's zero.Init casts every floating-point tensor a constructor
+        # returns to the training dtype, and bf16 positions are not even exact integers beyond 256.
+        exponents = torch.arange(0, self.head_dim, 2, device=device).float() / self.head_dim
+        positions = torch.arange(self.max_seq_len, device=device).float()
+        angles = torch.outer(positions, self.theta ** -exponents)
+        return angles.cos(), angles.sin()
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "RotaryEmbedding":
+        super()._apply(fn, recurse)
+        self.cos, self.sin = self._tables(self.cos.device)  # wherever fn moved them, in fp32 again
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, heads, head_dim] → same shape, rotated by position."""
-        # Angles are recomputed in fp32 on every call rather than kept as buffers: a bf16 engine casts
-        # buffers to bf16, and bf16 angles are wrong by whole radians at long positions. The cost is tiny.
+        """x: [B, T ≤ max_seq_len, heads, head_dim] → same shape, rotated by position."""
         seq_len = x.shape[1]
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=x.device, dtype=torch.float32)
-                                  / self.head_dim)
-        angles = torch.outer(torch.arange(seq_len, device=x.device, dtype=torch.float32), inv_freq)
-        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+        cos, sin = self.cos[:seq_len, None, :], self.sin[:seq_len, None, :]
         x32 = x.float()
         even, odd = x32[..., 0::2], x32[..., 1::2]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -119,13 +133,14 @@ class Attention(nn.Module):
     """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA.
 
     Heads are split across TP ranks: q/k/v column-parallel (rank r holds query heads r·n/tp ... and the kv
-    heads they read), o row-parallel. `recompute_core`: keep only q, k, v for backward and recompute the core
-    (QK-norm, RoPE, GQA expansion, SDPA with its dropout), so its fp32 RoPE copies, the rotated q and k,
-    the attention output and, without a flash kernel, the T×T probabilities and dropout mask are not kept.
+    heads they read), o row-parallel. Grouped-query heads go to SDPA as they are (`enable_gqa`): no
+    expanded copy of k and v. `recompute_core`: keep only q, k, v for backward and recompute the core
+    (QK-norm, RoPE, SDPA with its dropout), so its fp32 RoPE copies, the rotated q and k, the attention
+    output and, without a flash kernel, the T×T probabilities and dropout mask are not kept.
     """
 
     def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, scale: float,
-                 qk_norm: bool, norm_eps: float, rope_theta: float, dropout: float,
+                 qk_norm: bool, norm_eps: float, rope_theta: float, max_seq_len: int, dropout: float,
                  group: Optional[ProcessGroup] = None, sequence_parallel: bool = False,
                  recompute_core: bool = False) -> None:
         super().__init__()
@@ -150,7 +165,7 @@ class Attention(nn.Module):
         # One gain shared by all heads, and each rank sees only its own heads: partial gradients under TP.
         self.q_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
         self.k_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta) if arch == "llama" else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta, max_seq_len) if arch == "llama" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)  # under SP: the full sequence from here to o
@@ -168,13 +183,12 @@ class Attention(nn.Module):
         if self.rope is not None:
             q, k = self.rope(q), self.rope(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
-        group = q.shape[1] // k.shape[1]
-        if group > 1:  # grouped-query attention: every kv head serves `group` query heads
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         dropout = self.dropout if self.training else 0.0
         with _rank_local_rng(self.heads_are_sharded and dropout > 0):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout)
+            # Grouped-query: every kv head serves q heads / kv heads consecutive query heads (each TP rank's
+            # kv heads serve its own query heads, as the column-parallel q/k/v shards keep the ratio).
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
 
@@ -275,17 +289,40 @@ class EmbeddingLayer(nn.Module):
 class Readout(ParallelReadout):
     """The vocabulary projection with μP's logit multiplier α_out/m (1 under SP): the vocab-parallel layer's
     logits, scaled before the loss or sampling sees them. A subclass (not a wrapper) so the readout keeps
-    its parameter name, which seeds its init."""
+    its parameter name, which seeds its init.
 
-    def __init__(self, hidden_size: int, vocab_size: int, *, logit_mult: float,
-                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+    `fused` (train.fused_cross_entropy): `loss_from_input` computes projection and loss together over
+    chunks of tokens, so the full logits never exist. It does so in this module's forward, called with
+    labels, since ZeRO 3 gathers a module's parameters only around its forward. `pass_input` (a
+    pipeline's last stage with the fused loss): forward without labels returns its input unchanged, since
+    DeepSpeed hands the last layer's output to the loss function, which then calls `loss_from_input` on it.
+    """
+
+    def __init__(self, hidden_size: int, vocab_size: int, *, logit_mult: float, fused: bool,
+                 pass_input: bool = False, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__(hidden_size, vocab_size, group=group, sequence_parallel=sequence_parallel)
-        self.logit_mult = logit_mult
+        if pass_input and not fused:
+            raise ValueError("Readout(pass_input=True) needs fused=True: only the fused loss starts from the input")
+        self.logit_mult, self.fused, self.pass_input = logit_mult, fused, pass_input
         assign_role(self.weight, Role.READOUT)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                vocab_size: Optional[int] = None) -> torch.Tensor:
+        """The logits of x; with `labels` the fused loss over the first `vocab_size` columns instead."""
+        if labels is not None:
+            return self.fused_loss(x, labels, vocab_size, self.logit_mult)
+        if self.pass_input:
+            return x
         logits = super().forward(x)
         return logits * self.logit_mult if self.logit_mult != 1.0 else logits
 
+    def loss_from_input(self, x: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """Mean fp32 cross entropy of the next tokens `labels` (-100 ignored) over the true vocabulary, from
+        the readout's input x."""
+        if self.fused:
+            return self(x, labels, vocab_size)
+        return self.loss(self(x), labels, vocab_size)
+
     def extra_repr(self) -> str:
-        return f"logit_mult={self.logit_mult:g}, {super().extra_repr()}"
+        return f"logit_mult={self.logit_mult:g}, fused={self.fused}, {super().extra_repr()}"

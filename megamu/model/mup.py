@@ -33,14 +33,17 @@ LR contract for optimizers and schedules: each param group carries `lr_mult`, an
 base LR, or μP's η/m for hidden matrices is lost.
 
 Initialisation is TP- and pipeline-invariant: every parameter's FULL tensor is drawn from a generator
-seeded by (train.seed, the parameter's qualified name), and the layer cuts its local shard out of it.
+seeded by (train.seed, the parameter's qualified name), and the layer cuts its local shard out of it. It is
+ZeRO 3-invariant too: a parameter already partitioned by `deepspeed.zero.Init` is gathered alone, set, and
+re-partitioned, so the partitions hold the unpartitioned model's weights.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import math
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
@@ -148,20 +151,39 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
+def _whole(param: nn.Parameter) -> ContextManager:
+    """A context in which `param` holds its whole (TP-local) tensor and in-place writes to it stick.
+
+    A parameter built under ZeRO 3's `deepspeed.zero.Init` keeps only this rank's 1/DP slice: it is gathered
+    alone (one full parameter at a time) and re-partitioned from DP rank 0's values on exit, which equal every
+    other rank's since the draw depends on the name only."""
+    if not hasattr(param, "ds_id"):
+        return contextlib.nullcontext()
+    from deepspeed.runtime.zero import GatheredParameters
+
+    return GatheredParameters([param], modifier_rank=0)
+
+
 @torch.no_grad()
 def init_parameter(param: nn.Parameter, module: nn.Module, name: str, cfg: Config) -> None:
     """Initialise one parameter from its role; `name` (its qualified name) seeds the generator."""
     role = role_of(param, name)
-    if role in (Role.NORM, Role.BIAS):
-        param.fill_(1.0 if role is Role.NORM else 0.0)
-        return
-    full_shape = module.full_shape(param) if hasattr(module, "full_shape") else param.shape
-    std = init_std(role, cfg)
-    full = torch.zeros(full_shape, dtype=torch.float32)
-    if std > 0:
-        full.normal_(0.0, std, generator=_generator(cfg.train.seed, name))
-    local = module.local_shard(full, param) if hasattr(module, "local_shard") else full
-    param.copy_(local)
+    with _whole(param):
+        if role in (Role.NORM, Role.BIAS):
+            param.fill_(1.0 if role is Role.NORM else 0.0)
+            return
+        std = init_std(role, cfg)
+        if std == 0:
+            param.zero_()
+            return
+        full_shape = module.full_shape(param) if hasattr(module, "full_shape") else param.shape
+        # fp32 on the CPU whatever the parameter's dtype and device: a bf16 model then holds exactly the fp32
+        # model's weights rounded. torch.normal is not one of the constructors zero.Init redirects to the
+        # training dtype and device (torch.zeros/empty/... are).
+        full = torch.normal(0.0, std, full_shape, generator=_generator(cfg.train.seed, name),
+                            dtype=torch.float32, device="cpu")
+        local = module.local_shard(full, param) if hasattr(module, "local_shard") else full
+        param.copy_(local)
 
 
 def init_weights(model: nn.Module, cfg: Config, prefix: str = "") -> None:

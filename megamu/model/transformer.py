@@ -10,7 +10,13 @@ sampling from the returned logits must slice `[..., :cfg.model.vocab_size]` too.
 
 Tensor parallelism: `build_model(cfg, tp_group)` builds this rank's shard (heads, MLP columns and vocab
 rows split across the group; sequence parallelism when cfg.parallel.sequence_parallel). The loss is the
-vocab-parallel cross entropy on the sharded logits, so full logits are never gathered for training.
+vocab-parallel cross entropy on the sharded logits, so full logits are never gathered for training; with
+cfg.train.fused_cross_entropy (the default) the readout and the loss run together over chunks of tokens,
+so the [tokens, vocab] logits are not even computed whole.
+
+Regional compilation (`compile_blocks`, cfg.train.compile): each transformer block is compiled in place,
+rather than the whole model, so the blocks share one compiled graph (they have the same code and shapes),
+compile time does not grow with depth, and parameter names are unchanged.
 """
 from __future__ import annotations
 
@@ -37,7 +43,8 @@ def build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: b
     selective = cfg.train.activation_checkpointing == "selective"
     attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
                           scale=mup.attention_scale(cfg), qk_norm=m.qk_norm, norm_eps=m.norm_eps,
-                          rope_theta=m.rope_theta, dropout=m.dropout, recompute_core=selective, **tp)
+                          rope_theta=m.rope_theta, max_seq_len=m.seq_len, dropout=m.dropout,
+                          recompute_core=selective, **tp)
     mlp = (GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp) if m.arch == "gpt2"
            else SwiGLU(m.hidden_size, cfg.ffn_hidden_size, recompute_activation=selective, **tp))
     return Block(attention, mlp, attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
@@ -76,9 +83,11 @@ def stage_boundaries(cfg: Config) -> list[int]:
     return bounds + [cfg.model.n_layers + 3]
 
 
-def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> list[LayerBuilder]:
+def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None,
+                   pipeline: bool = False) -> list[LayerBuilder]:
     """(class, builder) of every layer in order: embedding, blocks, final norm, readout. The Transformer
-    builds them all; a pipeline stage builds only its own."""
+    builds them all; a pipeline stage builds only its own (`pipeline`: with the fused loss, the readout
+    passes its input on to the pipeline's loss function)."""
     m = cfg.model
     sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
     tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
@@ -87,7 +96,9 @@ def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> list
                         input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
     block = partial(build_block, cfg, tp_group, sequence_parallel)
     final_norm = partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
-    readout = partial(Readout, m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg), **tp)
+    fused = cfg.train.fused_cross_entropy
+    readout = partial(Readout, m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg),
+                      fused=fused, pass_input=pipeline and fused, **tp)
     norm_class = LayerNorm if m.arch == "gpt2" else RMSNorm
     return [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (norm_class, final_norm), (Readout, readout)]
 
@@ -104,11 +115,21 @@ class Transformer(nn.Module):
         over the true vocabulary (labels -100 ignored)."""
         if input_ids.shape[-1] > self.seq_len:
             raise ValueError(f"input has {input_ids.shape[-1]} tokens but model.seq_len is {self.seq_len}")
+        *body, readout = self.layers
         x = input_ids
-        for layer in self.layers:
+        for layer in body:
             x = layer(x)
-        readout: Readout = self.layers[-1]
-        return readout.gather_logits(x) if labels is None else readout.loss(x, labels, self.vocab_size)
+        if labels is None:
+            return readout.gather_logits(readout(x))
+        return readout.loss_from_input(x, labels, self.vocab_size)
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every Block of `model` (a Transformer or a pipeline stage) in place; returns how many."""
+    blocks = [module for module in model.modules() if isinstance(module, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def parameter_layout(cfg: Config) -> dict[str, tuple[Optional[int], str]]:

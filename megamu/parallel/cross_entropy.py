@@ -2,16 +2,20 @@
 
 Each TP rank holds logits for a contiguous slice of the (padded) vocabulary. The softmax needs only
 two numbers per token from the other ranks, the global max and the global sum of exponentials, and
-the target's logit lives on exactly one rank; three all-reduces of [tokens] tensors replace an
-all-gather of [tokens, vocab]. With no group (TP=1) the same code is the plain fp32 cross entropy,
-so TP=1 and TP=k runs compute the loss the same way.
+the target's logit lives on exactly one rank; two all-reduces of per-token tensors (the max, then the
+sum of exponentials and the target logit together) replace an all-gather of [tokens, vocab]. With no
+group (TP=1) the same code is the plain fp32 cross entropy, so TP=1 and TP=k runs compute the loss
+the same way.
 
 Padded vocabulary entries (columns at or beyond `vocab_size`) are excluded from the softmax: they get
 no probability and no gradient, so the loss does not depend on how much padding the TP size adds.
+
+`sharded_softmax_cross_entropy` and `softmax_minus_one_hot_` are the per-row pieces, shared with the
+chunked readout + loss of `megamu.parallel.fused_cross_entropy`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,43 +30,67 @@ def _all_reduce_(x: Tensor, op: dist.ReduceOp, group: Optional[ProcessGroup]) ->
         dist.all_reduce(x, op=op, group=group)
 
 
+class ShardedSoftmax(NamedTuple):
+    loss: Tensor  # [rows] fp32, 0 where the target is ignored
+    probs: Tensor  # [rows, shard] fp32 softmax over the whole (real) vocabulary, this rank's columns
+    local_target: Tensor  # [rows] the target's column in this shard (0 where it is not on this shard)
+    on_shard: Tensor  # [rows] bool: the target is a valid id held by this shard
+
+
+def sharded_softmax_cross_entropy(logits: Tensor, target: Tensor, group: Optional[ProcessGroup],
+                                   vocab_size: int, ignore_index: int) -> ShardedSoftmax:
+    """Per-row cross entropy and softmax of fp32 logits [rows, shard], this rank's vocab slice (left as it is:
+    `probs` is one new [rows, shard] buffer, which the gradient then reuses)."""
+    shard = logits.size(-1)
+    vocab_start = group_rank(group) * shard
+    real_columns = max(0, min(shard, vocab_size - vocab_start))  # the rest of this shard is padding
+
+    # Subtract the global max for a stable exp; padding cannot be the max.
+    if real_columns > 0:
+        row_max = logits[:, :real_columns].max(dim=-1).values
+    else:
+        row_max = logits.new_full((logits.size(0),), float("-inf"))
+    _all_reduce_(row_max, dist.ReduceOp.MAX, group)
+    shifted = logits - row_max.unsqueeze(-1)
+    shifted[:, real_columns:] = float("-inf")
+
+    # The target's logit, from the one rank whose shard holds it (0 from every other rank).
+    valid = target != ignore_index
+    on_shard = valid & (target >= vocab_start) & (target < vocab_start + shard)
+    local_target = torch.where(on_shard, target - vocab_start, torch.zeros_like(target))
+    target_logit = torch.where(on_shard, shifted.gather(1, local_target.unsqueeze(-1)).squeeze(-1),
+                               torch.zeros_like(row_max))
+
+    probs = shifted.exp_()
+    # One all-reduce for both sums: they are ready at the same time.
+    sums = torch.stack((probs.sum(dim=-1), target_logit))
+    _all_reduce_(sums, dist.ReduceOp.SUM, group)
+    sum_exp, target_logit = sums.unbind()
+    probs.div_(sum_exp.unsqueeze(-1))
+    loss = torch.where(valid, sum_exp.log() - target_logit, torch.zeros_like(sum_exp))
+    return ShardedSoftmax(loss, probs, local_target, on_shard)
+
+
+def softmax_minus_one_hot_(softmax: ShardedSoftmax, row_scale: Tensor) -> Tensor:
+    """d loss / d logits = (softmax − one_hot(target)) · row_scale, in place of `softmax.probs`; the one-hot
+    is subtracted only on the shard that owns the target. row_scale: [rows] fp32 (0 for ignored rows)."""
+    grad = softmax.probs
+    rows = torch.arange(grad.size(0), device=grad.device)
+    grad[rows, softmax.local_target] -= softmax.on_shard.to(grad.dtype)
+    return grad.mul_(row_scale.unsqueeze(-1))
+
+
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor, group: Optional[ProcessGroup], vocab_size: int,
                 ignore_index: int) -> Tensor:
-        shard = logits.size(-1)
-        vocab_start = group_rank(group) * shard
-        real_columns = max(0, min(shard, vocab_size - vocab_start))  # the rest of this shard is padding
-        logits_2d = logits.reshape(-1, shard).float()
         target_1d = target.reshape(-1)
-
-        # Subtract the global max for a stable exp; padding cannot be the max.
-        if real_columns > 0:
-            local_max = logits_2d[:, :real_columns].max(dim=-1).values
-        else:
-            local_max = logits_2d.new_full((logits_2d.size(0),), float("-inf"))
-        _all_reduce_(local_max, dist.ReduceOp.MAX, group)
-        shifted = logits_2d - local_max.unsqueeze(-1)
-        shifted[:, real_columns:] = float("-inf")
-
-        # The target's logit, from the one rank whose shard holds it (0 from every other rank).
-        valid = target_1d != ignore_index
-        on_shard = valid & (target_1d >= vocab_start) & (target_1d < vocab_start + shard)
-        local_target = torch.where(on_shard, target_1d - vocab_start, torch.zeros_like(target_1d))
-        rows = torch.arange(target_1d.numel(), device=logits.device)
-        target_logit = torch.where(on_shard, shifted[rows, local_target], torch.zeros_like(local_max))
-        _all_reduce_(target_logit, dist.ReduceOp.SUM, group)
-
-        probs = shifted.exp_()  # reuses the buffer: shifted is no longer needed
-        sum_exp = probs.sum(dim=-1)
-        _all_reduce_(sum_exp, dist.ReduceOp.SUM, group)
-        probs.div_(sum_exp.unsqueeze(-1))
-
-        loss = torch.where(valid, sum_exp.log() - target_logit, torch.zeros_like(sum_exp))
-        ctx.save_for_backward(probs, local_target, on_shard, valid)
+        softmax = sharded_softmax_cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target_1d, group,
+                                                 vocab_size, ignore_index)
+        ctx.save_for_backward(softmax.probs, softmax.local_target, softmax.on_shard, target_1d != ignore_index)
         ctx.logits_shape, ctx.logits_dtype = logits.shape, logits.dtype
         ctx.backward_done = False
-        return loss.view(target.shape)
+        return softmax.loss.view(target.shape)
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
@@ -71,12 +99,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                                "run only once; recompute the loss instead of backward(retain_graph=True) twice")
         ctx.backward_done = True
         probs, local_target, on_shard, valid = ctx.saved_tensors
-        # d loss / d logits = softmax - one_hot(target), on the shard that owns the target.
-        grad = probs
-        rows = torch.arange(grad.size(0), device=grad.device)
-        grad[rows, local_target] -= on_shard.to(grad.dtype)
-        grad.mul_((grad_loss.reshape(-1).float() * valid).unsqueeze(-1))
+        row_scale = grad_loss.reshape(-1).float() * valid
+        grad = softmax_minus_one_hot_(ShardedSoftmax(None, probs, local_target, on_shard), row_scale)
         return grad.view(ctx.logits_shape).to(ctx.logits_dtype), None, None, None, None
+
+
+def check_vocab_size(vocab_size: Optional[int], columns: int, group: Optional[ProcessGroup]) -> int:
+    """The true vocabulary size (all columns when None), checked against the padded one."""
+    padded_vocab = columns * group_size(group)
+    vocab_size = padded_vocab if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {padded_vocab}] (the padded vocab: "
+                         f"{columns} columns per rank × {group_size(group)} ranks)")
+    return vocab_size
 
 
 def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: Optional[ProcessGroup], *,
@@ -97,9 +132,5 @@ def vocab_parallel_cross_entropy(logits: Tensor, target: Tensor, group: Optional
                          f"target's shape plus a trailing vocab dim")
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
-    padded_vocab = logits.size(-1) * group_size(group)
-    vocab_size = padded_vocab if vocab_size is None else vocab_size
-    if not 0 < vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {padded_vocab}] (the padded vocab: "
-                         f"{logits.size(-1)} columns per rank × {group_size(group)} ranks)")
+    vocab_size = check_vocab_size(vocab_size, logits.size(-1), group)
     return _VocabParallelCrossEntropy.apply(logits, target, group, vocab_size, ignore_index)

@@ -18,7 +18,7 @@ can draw the full tensor from a seeded generator and stay identical for every TP
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,13 @@ from torch.distributed import ProcessGroup
 
 from megamu.parallel import mappings
 from megamu.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megamu.parallel.fused_cross_entropy import fused_readout_cross_entropy
 from megamu.parallel.mappings import group_rank, group_size
+
+# y = x Wᵀ (+ b) of a column/row-parallel linear: F.linear, or an FP8 kernel (megamu.model.fp8) swapped in.
+LinearFunction = Callable[..., torch.Tensor]
+
+IGNORE_INDEX = -100  # labels that take no part in the loss (F.cross_entropy's default ignore_index)
 
 
 def tag_parameter(param: nn.Parameter, partition_dim: Optional[int], tp_size: int,
@@ -128,11 +134,12 @@ class ColumnParallelLinear(TensorParallelLayer):
         local_out = self._shard_size(out_features, "out_features")
         self.weight = tag_parameter(nn.Parameter(torch.empty(local_out, in_features)), 0, self.tp_size)
         self.bias = tag_parameter(nn.Parameter(torch.empty(local_out)), 0, self.tp_size) if bias else None
+        self.matmul: LinearFunction = F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = self._enter_region(x)
-        y = F.linear(x, self.weight, self.bias)
+        y = self.matmul(x, self.weight, self.bias)
         return mappings.gather_from_tp_region(y, self.group) if self.gather_output else y
 
 
@@ -147,6 +154,7 @@ class RowParallelLinear(TensorParallelLayer):
         self.input_is_parallel = input_is_parallel
         local_in = self._shard_size(in_features, "in_features")
         self.weight = tag_parameter(nn.Parameter(torch.empty(out_features, local_in)), 1, self.tp_size)
+        self.matmul: LinearFunction = F.linear
         # Added once, after the reduction: replicated; under SP each rank adds it to its sequence shard only.
         self.bias = (tag_parameter(nn.Parameter(torch.empty(out_features)), None, self.tp_size,
                                    partial_grad=self.sequence_parallel) if bias else None)
@@ -154,7 +162,7 @@ class RowParallelLinear(TensorParallelLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = mappings.scatter_to_tp_region(x, self.group)
-        y = self._leave_region(F.linear(x, self.weight))
+        y = self._leave_region(self.matmul(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 
@@ -202,8 +210,9 @@ class ParallelReadout(TensorParallelLayer):
     """Vocabulary projection, column-parallel over the vocab: hidden [B, T(/tp under SP), H] → this rank's
     logits [B, T, V_padded/tp], the full sequence.
 
-    `loss` takes these sharded logits straight to the vocab-parallel cross entropy; `gather_logits`
-    assembles the full vocabulary for sampling or inspection.
+    `loss` takes these sharded logits to the cross entropy (plain at TP=1, vocab-parallel otherwise);
+    `fused_loss` computes projection and loss together from the hidden states, chunk by chunk, without
+    the full logits; `gather_logits` assembles the full vocabulary for sampling or inspection.
     """
 
     def __init__(self, in_features: int, vocab_size: int, *, group: Optional[ProcessGroup] = None,
@@ -221,10 +230,23 @@ class ParallelReadout(TensorParallelLayer):
         return mappings.gather_from_tp_region(logits, self.group)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """Mean fp32 next-token cross entropy over labels != -100, from the vocab-sharded logits; padded
-        vocabulary entries (≥ vocab_size) get no probability."""
-        per_token = vocab_parallel_cross_entropy(logits, labels, self.group, vocab_size=vocab_size)
-        return per_token.sum() / (labels != -100).sum().clamp(min=1)
+        """Mean fp32 next-token cross entropy over labels != -100 (0 if there are none), from the
+        vocab-sharded logits; padded vocabulary entries (≥ vocab_size) get no probability."""
+        n_valid = (labels != IGNORE_INDEX).sum().clamp(min=1)
+        if self.tp_size == 1:
+            real = logits[..., :vocab_size].float()
+            return F.cross_entropy(real.flatten(0, -2), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum") / n_valid
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.group, vocab_size=vocab_size,
+                                                 ignore_index=IGNORE_INDEX)
+        return per_token.sum() / n_valid
+
+    def fused_loss(self, x: torch.Tensor, labels: torch.Tensor, vocab_size: int,
+                   logit_mult: float = 1.0) -> torch.Tensor:
+        """`loss(forward(x) · logit_mult, ...)` with the projection fused into the loss over chunks of tokens,
+        so the [tokens, vocab] logits never exist (`megamu.parallel.fused_cross_entropy`)."""
+        return fused_readout_cross_entropy(self._enter_region(x), self.weight, labels, self.group,
+                                           logit_mult=logit_mult, vocab_size=vocab_size, ignore_index=IGNORE_INDEX)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, vocab_size={self.vocab_size}, {super().extra_repr()}"

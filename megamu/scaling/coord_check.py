@@ -83,6 +83,9 @@ def watched_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def _width_records(cfg: Config, batches: Sequence[torch.Tensor], steps: int) -> list[dict]:
     torch.manual_seed(cfg.train.seed)
+    # The logits are watched: the fused readout-and-loss never produces them.
+    cfg = copy.deepcopy(cfg)
+    cfg.train.fused_cross_entropy = False
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(mup.param_groups(model, cfg), betas=(cfg.train.beta1, cfg.train.beta2),
                                   eps=cfg.train.adam_eps)

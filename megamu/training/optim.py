@@ -24,6 +24,9 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     groups = mup.param_groups(model, cfg)
     if t.optimizer == "muon":
         return _build_muon(groups, cfg)
+    # Fused on CUDA (the parameters are already on the device: the engine moves the model first). The CPU keeps
+    # torch's default: its fused AdamW exists but differs from it in the last bit, which would break exact
+    # comparisons with older runs.
     kwargs = {"fused": True} if fused_adamw() else {}
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.adam_eps,
                              weight_decay=t.weight_decay, **kwargs)

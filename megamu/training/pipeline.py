@@ -20,9 +20,9 @@ import torch.distributed as dist
 from megamu.config import Config, TrainConfig
 from megamu.parallel.pipeline_grid import check_pipeline_grid, pipeline_topology
 from megamu.parallel.state import ParallelState
+from megamu.parallel.state import any_rank
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
-from megamu.parallel.state import any_rank
 from megamu.training.step import NonFiniteStepGate, OptimizerStep, StepOutcome, tp_grad_norm
 
 
@@ -120,17 +120,18 @@ def build_pipeline_engine(cfg: Config, ds_config: dict, state: ParallelState) ->
     groups, checked), ready to step."""
     import deepspeed
     from megamu.training.pipeline_module import TransformerPipe
-    from megamu.training.engine import innermost_optimizer
+    from megamu.runtime import device
+    from megamu.training.engine import innermost_optimizer, use_fast_kernels
     from megamu.training.optim import build_optimizer, restore_lr_mults
 
     model = TransformerPipe(cfg, pipeline_topology(state.layout), state.get_tensor_model_parallel_group())
     check_pipeline_grid(model.mpu(), state)
+    model.to(device())  # the optimizer's state (and fused AdamW's kernels) then live on the device
+    use_fast_kernels(model, cfg)
     optimizer = build_optimizer(model, cfg)
     reference = [{"name": g["name"], "lr_mult": g["lr_mult"]} for g in optimizer.param_groups]
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     restore_lr_mults(engine.optimizer, reference)
-    if cfg.train.compile:
-        engine.compile()
     stage = engine.zero_optimization_stage()
     zero0_norm = Zero0PipelineNorm(engine, cfg.train.grad_clip) if stage == 0 else None
     if zero0_norm is not None:

@@ -6,8 +6,8 @@ its logical name (`model.transformer.logical_name`). Init is keyed by the logica
 weights are the PP=1 model's.
 
 Stages own whole blocks, `config.pipeline_blocks(cfg)[s]` on stage s; the first stage also holds the
-embedding, the last the final norm and the readout, whose vocab-parallel cross entropy is the loss. The
-block split replaces DeepSpeed's own partitioning by overriding its `_partition_layers`, a private
+embedding, the last the final norm and the readout, whose cross entropy (fused with it, or on its logits) is
+the loss. The block split replaces DeepSpeed's own partitioning by overriding its `_partition_layers`, a private
 method: setup.py bounds deepspeed below 0.20 so a change there cannot pass unnoticed.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ class TransformerPipe(PipelineModule):
         check_buildable(cfg, tp_group)
         self.boundaries = stage_boundaries(cfg)
         self.vocab_size = cfg.model.vocab_size
-        specs = [_BuiltBy(typename, build) for typename, build in layer_builders(cfg, tp_group)]
+        specs = [_BuiltBy(typename, build) for typename, build in layer_builders(cfg, tp_group, pipeline=True)]
         super().__init__(layers=specs, topology=topology, loss_fn=self._loss)
         for index, layer in zip(range(self._local_start, self._local_stop), self.forward_funcs):
             mup.init_weights(layer, cfg, prefix=f"{LOGICAL_PREFIX}.{index}")
@@ -56,8 +56,13 @@ class TransformerPipe(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.forward_funcs[-1].loss(logits, labels, self.vocab_size)
+    def _loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The last stage's loss from its last layer's output: the readout's input under the fused loss (the
+        readout passes it on), otherwise the logits."""
+        readout = self.forward_funcs[-1]
+        if readout.pass_input:
+            return readout.loss_from_input(output, labels, self.vocab_size)
+        return readout.loss(output, labels, self.vocab_size)
 
     def logical_named_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """This stage's parameters under the names the PP=1 Transformer gives them."""
