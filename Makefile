@@ -21,7 +21,7 @@ $(BIN)/.installed: setup.py
 	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
-# benchmarks/bench_train.py compares with HF transformers: setup.py's `bench` extra.
+# benchmarks/bench_mfu.py compares with HF transformers: setup.py's `bench` extra.
 $(BIN)/.bench-installed: $(BIN)/.installed
 	$(BIN)/pip install -q -e ".[bench]"
 	touch $@

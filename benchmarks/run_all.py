@@ -24,7 +24,7 @@ FIGURES = os.path.join(OUT, "figures")
 SMOKE = {
     "bench_preprocess.py": [["--documents", "20", "--copies", "2", "--vocab-size", "1024", "--seq-len", "128",
                              "--batch", "2", "--no-write"]],
-    "bench_train.py": [["--shapes", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1", "--vocab", "512"]],
+    "bench_mfu.py": [["--shapes", "tiny", "--steps", "1", "--rounds", "1", "--warmup", "1", "--vocab", "512"]],
     "bench_tp.py": [[*mode, "--shapes", "small", "--steps", "1", "--rounds", "1", "--warmup", "1",
                      "--micro-batch", "1", "--vocab", "512"] for mode in ([], ["--tp1-overhead"])],
     "bench_pipeline.py": [["--micro-batches", "2", "--steps", "4", "--hidden", "64", "--layers", "2", "--seq-len", "32"]],
