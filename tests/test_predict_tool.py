@@ -222,3 +222,37 @@ def test_tool_seed_offsets_from_a_csv_seed_column(tmp_path, capsys):
     assert report["seed_offsets"] == pytest.approx({"7": 0.12, "8": -0.12}, abs=1e-6)
     assert abs(report["holdout_mean"][0]["rel_error"]) < 1e-6
     assert "mean of 2 seeds" in capsys.readouterr().out
+
+
+def test_tool_reports_the_cross_validated_form_beside_the_classic_fit(tmp_path, capsys):
+    params = np.geomspace(1e6, 1e9, 9)
+    loss = 25.0 * params**-0.12 * np.exp(np.random.default_rng(5).normal(0, 0.0005, len(params)))  # no floor
+    csv = write_csv(tmp_path / "p.csv", "params,loss\n" + "".join(f"{n},{v}\n" for n, v in zip(params, loss)))
+    out = tmp_path / "sel.json"
+    assert predict_tool.main(["--points", csv, "--holdout", "1", "--target", "1e10", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["form"] == "a*x^b+c" and set(report["fit"]) == {"a", "b", "c"}  # the contract is unchanged
+    selection = report["selection"]
+    assert selection["chosen"] == "a*x^b" and selection["folds"] >= 3
+    assert set(selection["cv_error"]) == {"a*x^b+c", "a*x^b"}
+    (held,) = selection["holdout"]
+    assert held["x"] == params[-1] and abs(held["rel_error"]) < 0.005
+    assert held["interval"][0] <= held["actual"] <= held["interval"][1]
+    lo, hi = selection["prediction"]["interval"]
+    assert 0 < lo < 25.0 * 1e10**-0.12 < hi
+    assert "Form selection by expanding-window cross-validation: a*x^b" in capsys.readouterr().out
+
+
+def test_tool_says_when_points_cannot_measure_their_own_error(tmp_path, capsys):
+    params = np.geomspace(1e6, 3e7, 4)
+    csv = write_csv(tmp_path / "p.csv", "params,loss\n" + "".join(f"{n},{final_loss_law(n)}\n" for n in params))
+    out = tmp_path / "exact.json"
+    assert predict_tool.main(["--points", csv, "--holdout", "1", "--json", str(out)]) == 0
+    selection = json.loads(out.read_text())["selection"]
+    printed = capsys.readouterr().out
+    # Three fitted points: no fold fits both forms, so the classic one stands, exactly, with no interval.
+    assert selection["chosen"] == "a*x^b+c" and selection["folds"] == 0 and "by default" in selection["reason"]
+    assert any("as many points as parameters" in n for n in selection["notes"])
+    assert selection["holdout"][0]["interval"] is None
+    assert "as many points as parameters" in printed and "no interval can be given" in printed
+    assert "exact fit: no residual degrees of freedom, no uncertainty" in printed

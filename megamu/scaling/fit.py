@@ -131,13 +131,18 @@ def check_points(x: Sequence[float], loss: Sequence[float], n_params: int = N_PA
 
 def best_least_squares(residuals: Callable[[np.ndarray], np.ndarray], jacobian: Callable[[np.ndarray], np.ndarray],
                        starts: Iterable[np.ndarray], lower: np.ndarray,
-                       upper: np.ndarray) -> Optional[optimize.OptimizeResult]:
+                       upper: np.ndarray, huber: Optional[float] = None) -> Optional[optimize.OptimizeResult]:
     """Bounded least squares from each start (clipped strictly inside the bounds); the lowest-cost
-    converged result, or None when no start converged."""
+    converged result, or None when no start converged.
+
+    `huber`: the Huber δ in units of the residuals (quadratic inside ±δ, linear outside), so that a
+    few runs far off the law pull the fit less than under plain least squares.
+    """
     best = None
+    robust = {} if huber is None else {"loss": "huber", "f_scale": huber}
     for start in starts:
         result = optimize.least_squares(residuals, np.clip(start, lower + 1e-12, upper - 1e-9), jac=jacobian,
-                                        bounds=(lower, upper), x_scale="jac", max_nfev=2000)
+                                        bounds=(lower, upper), x_scale="jac", max_nfev=2000, **robust)
         if result.status > 0 and np.isfinite(result.cost) and (best is None or result.cost < best.cost):
             best = result
     return best

@@ -1,8 +1,10 @@
 """The loss-prediction workflow behind megamu-predict: fit, hold out, predict, report.
 
-`predict` returns the DESIGN.md "Predict" JSON (plus `level`, `interval_method`, residuals
-and, with two_var, the L(N, D) fit) and the fitted curve for plotting; `format_report` turns
-that JSON into the table the tool prints.
+`predict` returns the DESIGN.md "Predict" JSON (plus `level`, `interval_method`, residuals,
+`selection` and, with two_var, the L(N, D) fit) and the fitted curve for plotting; `format_report`
+turns that JSON into the table the tool prints. `selection` is megamu.scaling.forecast's choice among
+forms by expanding-window cross-validation (with or without a floor; for L(N, D) one or two
+exponents), with its own holdout, prediction and interval, beside the classic fit the contract keeps.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from megamu.scaling.fit import (
     prediction_interval,
     split_holdout,
 )
+from megamu.scaling.forecast import forecast
+from megamu.scaling.forms import FORMS
 from megamu.scaling.points import LossPoint
 from megamu.scaling.seeds import estimate_seed_offsets, point_seeds
 from megamu.scaling.two_var import fit_two_var
@@ -100,6 +104,10 @@ def predict(
             "interval": None if intervals is None else [float(intervals[-1, 0]), float(intervals[-1, 1])],
         },
     }
+    target_x = [] if target is None else [float(target)]
+    report["selection"] = _selection({"x": np.append(x, target_x)}, np.append(loss - offset, [np.nan] * len(target_x)),
+                                     np.append(used, [False] * len(target_x)), ["x_floor", "x_pure"], level,
+                                     n_target=len(target_x))
     if seed_offsets:
         report["seed_offsets"] = {str(s): d for s, d in offsets.items()}
         report["holdout_mean"] = _holdout_means(fit, x[~used], loss[~used], offset[~used], level)
@@ -109,6 +117,36 @@ def predict(
             target, target_tokens, level,
         )
     return report, fit
+
+
+def _selection(columns: dict, loss: np.ndarray, fitted: np.ndarray, candidates: list, level: float,
+               n_target: int) -> dict:
+    """The cross-validated choice of form, scored on the held-out rows; the last `n_target` rows (loss NaN)
+    are the target's."""
+    key = "x" if "x" in columns else "params"
+    fitted = np.asarray(fitted, dtype=bool)
+    try:
+        result = forecast(columns, loss, columns[key], fitted, candidates, level)
+    except FitError as exc:  # the classic fit above still stands; say why the selection could not run
+        return {"error": str(exc)}
+    held = np.flatnonzero(~fitted)
+    rows = []
+    for i, row in enumerate(held):
+        interval = None if result.interval is None else [float(v) for v in result.interval[i]]
+        rows.append({**{k: float(v[row]) for k, v in columns.items()}, "actual": float(loss[row]),
+                     "predicted": float(result.predicted[i]), "interval": interval,
+                     "rel_error": float(result.predicted[i] / loss[row] - 1)})
+    targets, holdout = rows[len(rows) - n_target:], rows[:len(rows) - n_target]
+    return {
+        "chosen": FORMS[result.form].label,
+        "reason": result.reason,
+        "folds": result.folds,
+        "cv_error": dict(result.cv_errors),
+        "fit": result.fit.natural(),
+        "notes": result.notes,
+        "holdout": holdout,
+        "prediction": None if not targets else {k: v for k, v in targets[0].items() if k not in ("actual", "rel_error")},
+    }
 
 
 def _holdout_means(fit, x: np.ndarray, actual: np.ndarray, offset: np.ndarray, level: float) -> list:
@@ -142,9 +180,16 @@ def _two_var_report(
             "rel_error": (predicted - p.loss) / p.loss, "interval": [float(lo), float(hi)],
         })
     prediction = None
+    if target is not None and target_tokens is None:
+        raise FitError("--two-var with --target also needs --target-tokens (the token count D at the target)")
+    extra = [] if target is None else [float(target)]
+    extra_tokens = [] if target is None else [float(target_tokens)]
+    rows = used + held
+    selection = _selection(
+        {"params": np.array([p.x("params") for p in rows] + extra), "tokens": np.array([p.x("tokens") for p in rows] + extra_tokens)},
+        np.array([p.loss for p in rows] + [np.nan] * len(extra)),
+        np.array([True] * len(used) + [False] * (len(held) + len(extra))), ["nd_sum", "nd_tied"], level, len(extra))
     if target is not None:
-        if target_tokens is None:
-            raise FitError("--two-var with --target also needs --target-tokens (the token count D at the target)")
         lo, hi = fit.interval(target, target_tokens, level)[0]
         prediction = {
             "params": float(target), "tokens": float(target_tokens),
@@ -157,6 +202,7 @@ def _two_var_report(
         "residual_std_log": fit.sigma,
         "holdout": holdout,
         "prediction": prediction,
+        "selection": selection,
     }
 
 
@@ -208,6 +254,7 @@ def format_report(report: dict) -> str:
         pred = report["prediction"]
         lines += ["", f"Prediction at {report['x']} = {pred['x']:.4g}: loss {pred['loss']:.5g}, "
                       f"{pct} interval {_interval(pred['interval'])} ({method})"]
+    lines += _selection_lines(report["selection"], pct)
     if "two_var" in report:
         tv = report["two_var"]
         lines += ["", "Two-variable fit  L = E + A/N^alpha + B/D^beta  (on log L)"]
@@ -219,4 +266,28 @@ def format_report(report: dict) -> str:
             p = tv["prediction"]
             lines.append(f"  prediction at N={p['params']:.4g} D={p['tokens']:.4g}: loss {p['loss']:.5g}, "
                          f"{pct} interval {_interval(p['interval'])}")
+        lines += _selection_lines(tv["selection"], pct)
     return "\n".join(lines)
+
+
+def _at(row: dict) -> str:
+    return ", ".join(f"{k}={row[k]:.4g}" for k in ("x", "params", "tokens") if k in row)
+
+
+def _selected_interval(row: dict) -> str:
+    return _interval(row["interval"]) if row["interval"] else "n/a (see the notes)"
+
+
+def _selection_lines(selection: dict, pct: str) -> list:
+    """The cross-validated choice of form: what won and why, what it cannot know, and its forecasts."""
+    if "error" in selection:
+        return ["", f"Form selection by cross-validation: not possible ({selection['error']})"]
+    lines = ["", f"Form selection by expanding-window cross-validation: {selection['reason']}"]
+    lines += [f"  note: {note}" for note in selection["notes"]]
+    for h in selection["holdout"]:
+        lines.append(f"  held out {_at(h)}: actual {h['actual']:.4f}, predicted {h['predicted']:.4f} "
+                     f"({h['rel_error'] * 100:+.2f}%), {pct} {_selected_interval(h)}")
+    if selection["prediction"]:
+        p = selection["prediction"]
+        lines.append(f"  prediction at {_at(p)}: loss {p['predicted']:.5g}, {pct} {_selected_interval(p)}")
+    return lines

@@ -1,0 +1,213 @@
+"""Loss laws as sums of power terms, fitted on log L: one family for every form megamu selects among.
+
+    L = E + Σ_k A_k · z_k^(−α_k)        (z_k: params N, tokens D, or one x such as compute)
+
+- `x_floor`   a·x^b + c (one variable; b = −α, c = E), the classic single-ladder law;
+- `x_pure`    a·x^b (no floor): two parameters, for ladders too short to pin a floor down;
+- `nd_sum`    E + A/N^α + B/D^β, Chinchilla's form (any tokens per parameter);
+- `nd_tied`   E + A/N^α + B/D^α: Gadre et al. 2024's over-training law L(C, M) = E + (a·M^η + b·M^−η)·C^−η
+              is this form written in compute C = 6ND and tokens per parameter M = D/N (α = 2η), so one
+              exponent describes how the loss falls at any M; one parameter fewer than `nd_sum`.
+
+Each variable is divided by its geometric mean and amplitudes are fitted as logs (as in fit.py), the
+floor as log E bounded by the smallest observed loss. Fitting log L weights every point by its relative
+error; `huber` (a δ on log L) makes it robust to runs off the law. Prediction intervals are the delta
+method on log L (they stay positive).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+from scipy import optimize, stats
+
+from megamu.errors import FitError
+from megamu.scaling.fit import best_least_squares
+
+_ALPHA_BOUNDS = (1e-4, 4.0)
+# Start grids over every exponent and the floor (as a fraction of the smallest loss): "grid" is small and
+# cheap, "wide" adds steep and shallow exponents and floors near 0 and near the data.
+START_GRIDS = {
+    "grid": ((0.1, 0.3, 0.7), (0.3, 0.7)),
+    "wide": ((0.03, 0.1, 0.2, 0.4, 0.8, 1.6), (0.05, 0.3, 0.6, 0.85, 0.97)),
+}
+
+
+@dataclass(frozen=True)
+class Form:
+    """A power-sum law: which variables enter, whether it has a floor, whether the exponents are shared."""
+
+    name: str
+    variables: tuple  # names of z_k, e.g. ("params", "tokens") or ("x",)
+    floor: bool = True
+    tied: bool = False
+    label: str = ""
+
+    @property
+    def n_exponents(self) -> int:
+        return 1 if self.tied else len(self.variables)
+
+    @property
+    def n_params(self) -> int:
+        return int(self.floor) + len(self.variables) + self.n_exponents
+
+    def unpack(self, theta: np.ndarray) -> tuple:
+        """(log E or None, log amplitudes, one exponent per variable)."""
+        i = int(self.floor)
+        log_e = theta[0] if self.floor else None
+        log_amps = theta[i:i + len(self.variables)]
+        alphas = theta[i + len(self.variables):]
+        return log_e, log_amps, np.repeat(alphas, len(self.variables)) if self.tied else alphas
+
+
+FORMS = {
+    "x_floor": Form("x_floor", ("x",), label="a*x^b+c"),
+    "x_pure": Form("x_pure", ("x",), floor=False, label="a*x^b"),
+    "nd_sum": Form("nd_sum", ("params", "tokens"), label="E+A/N^alpha+B/D^beta"),
+    "nd_tied": Form("nd_tied", ("params", "tokens"), tied=True, label="E+A/N^alpha+B/D^alpha"),
+}
+
+
+def _terms(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
+    """(floor, per-variable power terms, shape (n, K))."""
+    log_e, log_amps, alphas = form.unpack(theta)
+    # Clipped: a trial step of the optimiser far up a wall would otherwise overflow to inf.
+    powers = np.exp(np.minimum(log_amps[None, :] - alphas[None, :] * log_z, 700.0))
+    return (math.exp(log_e) if form.floor else 0.0), powers
+
+
+def log_model(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
+    floor, powers = _terms(form, theta, log_z)
+    return np.log(np.maximum(floor + powers.sum(axis=1), 1e-300))  # a far trial step can underflow to 0
+
+
+def log_jacobian(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
+    floor, powers = _terms(form, theta, log_z)
+    total = (floor + powers.sum(axis=1))[:, None]
+    slopes = -powers * log_z
+    columns = ([np.full((len(log_z), 1), floor)] if form.floor else []) + [powers]
+    columns.append(slopes.sum(axis=1, keepdims=True) if form.tied else slopes)
+    return np.hstack(columns) / total
+
+
+@dataclass(frozen=True)
+class LogFit:
+    """A fitted power-sum law with its covariance (None when no degree of freedom is left)."""
+
+    form: Form
+    theta: np.ndarray
+    scales: np.ndarray  # geometric mean of each variable over the fitted points
+    covariance: Optional[np.ndarray]
+    sigma: float  # residual standard deviation of log L; 0 with no degree of freedom
+    dof: int
+    min_loss: float  # the floor's upper bound: no floor above an observed loss
+
+    def _log_z(self, z: np.ndarray) -> np.ndarray:
+        return np.log(np.atleast_2d(np.asarray(z, dtype=float)) / self.scales)
+
+    def predict(self, z: np.ndarray) -> np.ndarray:
+        """Loss at the rows of z, shape (n, number of variables)."""
+        return np.exp(log_model(self.form, self.theta, self._log_z(z)))
+
+    def log_sd(self, z: np.ndarray) -> Optional[np.ndarray]:
+        """Standard deviation of log L of a new run at z: the curve (delta method) and run-to-run noise."""
+        if self.covariance is None:
+            return None
+        grad = log_jacobian(self.form, self.theta, self._log_z(z))
+        return np.sqrt(np.einsum("ij,jk,ik->i", grad, self.covariance, grad) + self.sigma**2)
+
+    def natural(self) -> dict:
+        """The law in the units of the data: E (or None), amplitudes and exponents per variable."""
+        log_e, log_amps, alphas = self.form.unpack(self.theta)
+        amps = np.exp(log_amps + alphas * np.log(self.scales))
+        return {"E": None if log_e is None else math.exp(log_e),
+                **{f"A_{v}": float(a) for v, a in zip(self.form.variables, amps)},
+                **{f"alpha_{v}": float(al) for v, al in zip(self.form.variables, alphas)}}
+
+    def floor_identified(self) -> bool:
+        """False when the data cannot tell the floor from the power terms: log E is uncertain by more
+        than a factor e, it sits at its bound (the smallest loss, where the covariance no longer measures
+        it), or there is no degree of freedom to tell."""
+        if not self.form.floor:
+            return True
+        if self.covariance is None or self.theta[0] > np.log(self.min_loss) - 1e-4:
+            return False
+        return bool(np.sqrt(self.covariance[0, 0]) < 1.0)
+
+
+def design(form: Form, columns: dict) -> np.ndarray:
+    """The z matrix of a form from named columns (x, params, tokens), shape (n, K)."""
+    missing = [v for v in form.variables if columns.get(v) is None]
+    if missing:
+        raise FitError(f"form {form.label} needs {', '.join(missing)} for every point")
+    return np.stack([np.asarray(columns[v], dtype=float) for v in form.variables], axis=1)
+
+
+def fit_form(form: Form, z: np.ndarray, loss: Sequence[float], huber: Optional[float] = None,
+             starts: str = "grid") -> LogFit:
+    """Fit `form` to losses at the rows of z (least squares on log L, or Huber with δ = `huber`)."""
+    z = np.atleast_2d(np.asarray(z, dtype=float))
+    loss_arr = np.asarray(loss, dtype=float)
+    if len(loss_arr) < form.n_params:
+        raise FitError(f"{len(loss_arr)} point(s) to fit but {form.label} has {form.n_params} parameters: "
+                       f"add runs (at least {form.n_params}, better {form.n_params + 2})")
+    if not (np.all(np.isfinite(z)) and np.all(z > 0) and np.all(np.isfinite(loss_arr)) and np.all(loss_arr > 0)):
+        raise FitError("every loss and every x must be finite and positive: drop diverged or unlabelled runs")
+    for k, v in enumerate(form.variables):
+        if len(np.unique(z[:, k])) < 2:
+            raise FitError(f"form {form.label} needs points at several {v}: all have {v} = {z[0, k]:.4g}")
+    scales = np.exp(np.log(z).mean(axis=0))
+    log_z = np.log(z / scales)
+    log_loss = np.log(loss_arr)
+    lower, upper = _bounds(form, float(loss_arr.min()))
+    best = best_least_squares(lambda t: log_model(form, t, log_z) - log_loss,
+                              lambda t: log_jacobian(form, t, log_z),
+                              _starts(form, log_z, loss_arr, starts), lower, upper, huber)
+    if best is None:
+        raise FitError(f"the fit of {form.label} did not converge from any start")
+    return _finish(form, best.x, log_z, log_loss, scales)
+
+
+def _bounds(form: Form, min_loss: float) -> tuple:
+    n_amp, n_exp = len(form.variables), form.n_exponents
+    lower = [-np.inf] * (int(form.floor) + n_amp) + [_ALPHA_BOUNDS[0]] * n_exp
+    upper = ([math.log(min_loss)] if form.floor else []) + [np.inf] * n_amp + [_ALPHA_BOUNDS[1]] * n_exp
+    return np.array(lower), np.array(upper)
+
+
+def _starts(form: Form, log_z: np.ndarray, loss: np.ndarray, grid: str) -> Iterator[np.ndarray]:
+    """A grid over exponents and floor; for each, the amplitudes that fit best (non-negative least squares
+    in L − E), so every start sits in the valley of its exponents rather than far up a wall."""
+    exponents, floor_fractions = START_GRIDS[grid]
+    floors = [f * loss.min() for f in floor_fractions] if form.floor else [0.0]
+    for alphas in _exponent_grid(form, exponents):
+        powers = np.exp(-np.repeat(alphas, len(form.variables)) * log_z if form.tied else -alphas * log_z)
+        for floor in floors:
+            amps, _ = optimize.nnls(powers, loss - floor)
+            log_amps = np.log(np.maximum(amps, 1e-3 * (loss.mean() - floor) / len(form.variables)))
+            yield np.concatenate([[math.log(floor)] if form.floor else [], log_amps, alphas])
+
+
+def _exponent_grid(form: Form, exponents: tuple) -> Iterator[np.ndarray]:
+    mesh = np.meshgrid(*[exponents] * form.n_exponents, indexing="ij")
+    yield from np.stack([m.ravel() for m in mesh], axis=1)
+
+
+def _finish(form: Form, theta: np.ndarray, log_z: np.ndarray, log_loss: np.ndarray, scales: np.ndarray) -> LogFit:
+    dof = len(log_loss) - form.n_params
+    covariance, sigma = None, 0.0
+    if dof > 0:
+        residuals = log_model(form, theta, log_z) - log_loss
+        sigma = float(np.sqrt(np.sum(residuals**2) / dof))
+        jac = log_jacobian(form, theta, log_z)
+        if np.linalg.matrix_rank(jac) < form.n_params:
+            raise FitError(f"the fit of {form.label} is degenerate: its {form.n_params} parameters cannot all be "
+                           f"determined from these points; add points over a wider range")
+        covariance = sigma**2 * np.linalg.pinv(jac.T @ jac)
+    return LogFit(form, np.array(theta, dtype=float), scales, covariance, sigma, dof, float(np.exp(log_loss.min())))
+
+
+def t_quantile(level: float, dof: float) -> float:
+    return float(stats.t.ppf(0.5 + level / 2, dof))
