@@ -1,7 +1,10 @@
 """Checkpoints: DeepSpeed save/load behind megamu's complete-checkpoint pointer (store.py, pointer.py),
 DeepSpeed's universal checkpoint for a change of data-parallel size under ZeRO 1/2 (universal.py), the
 saved layout (layout.py), per-rank RNG state (rng.py), DeepSpeed's file layout and shard discovery
-(files.py), and merging TP shards, or a run directory's checkpoint, into one state dict (merge.py)."""
+(files.py), merging TP shards, or a run directory's checkpoint, into one state dict (merge.py), and what a
+resume may change of the saved config and data position (compat.py)."""
+from megamu.checkpoint.compat import (DataPosition, ResumeChanges, check_loaded_position, check_resume,
+                                      save_data_position)
 from megamu.checkpoint.files import load_model_shards, model_shard_paths
 from megamu.checkpoint.merge import merge_run_checkpoint, merge_tp_shards, run_config
 from megamu.checkpoint.pointer import POINTER, read_pointer, tag_for, write_pointer
@@ -9,6 +12,7 @@ from megamu.checkpoint.rng import rng_state, set_rng_state
 from megamu.checkpoint.store import ResumePlan, current_layout, load_checkpoint, plan_resume, save_checkpoint
 from megamu.checkpoint.universal import with_load_universal
 
-__all__ = ["POINTER", "ResumePlan", "current_layout", "load_checkpoint", "load_model_shards", "merge_run_checkpoint",
-           "merge_tp_shards", "model_shard_paths", "plan_resume", "read_pointer", "rng_state", "run_config",
-           "save_checkpoint", "set_rng_state", "tag_for", "with_load_universal", "write_pointer"]
+__all__ = ["POINTER", "DataPosition", "ResumeChanges", "ResumePlan", "check_loaded_position", "check_resume",
+           "current_layout", "load_checkpoint", "load_model_shards", "merge_run_checkpoint", "merge_tp_shards",
+           "model_shard_paths", "plan_resume", "read_pointer", "rng_state", "run_config", "save_checkpoint",
+           "save_data_position", "set_rng_state", "tag_for", "with_load_universal", "write_pointer"]

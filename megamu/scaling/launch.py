@@ -13,9 +13,17 @@ A run's outcome is written to RUN_DIR/run_status.json when its process exits:
 half-way, preempted by SIGTERM (exit 0 before the last step), never started) is launched again with
 train.resume=true, which continues from the run's newest checkpoint when it has one and starts afresh
 otherwise.
+
+Trainers never outlive the sweep: each starts in its own process group (so a trainer that is itself a
+launcher, e.g. `deepspeed --module megamu.train`, is stopped with all its ranks), which gets SIGTERM when the
+sweep ends by SIGTERM or Ctrl-C; and on Linux each trainer also gets SIGTERM from the kernel when the sweep
+dies by any means, SIGKILL included (PR_SET_PDEATHSIG). SIGTERM is megamu.train's preemption: it stops after
+the current step with a checkpoint, which the next launch resumes from.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import math
 import os
@@ -26,13 +34,14 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import IO, Callable, Optional, Sequence
 
 from megamu.errors import ConfigError
 from megamu.fileio import atomic_write
 from megamu.parallel.launch_env import without_launch_env
 from megamu.scaling.fit import FitError
 from megamu.scaling.runs import read_metrics, read_run_point
+from megamu.training.run_lock import LOCK_FILE
 
 STATUS_FILE = "run_status.json"
 LOG_FILE = "train.log"
@@ -40,6 +49,7 @@ EXIT_DIVERGED = 3  # megamu.train's exit code when train.max_bad_steps non-finit
 FINAL_STATUSES = ("done", "diverged")
 LOG_TAIL_LINES = 25
 DEFAULT_TRAINER = (sys.executable, "-m", "megamu.train")
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 @dataclass
@@ -181,7 +191,7 @@ def adopt_finished_run(source_dir: str, spec: RunSpec) -> None:
     Only for a run the caller has checked to train exactly as the spec's would (an identical resolved
     config reached through other overrides, or μP at m = 1 for SP): it then is this spec's run.
     """
-    shutil.copytree(source_dir, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(source_dir, spec.run_dir, ignore=shutil.ignore_patterns("checkpoints", LOCK_FILE))
     _write_status(read_status(spec.run_dir), spec)
 
 
@@ -233,10 +243,7 @@ def run_all(
     try:
         _drive(todo, running, results, rule, parallel, trainer, threads, echo)
     finally:
-        for _, proc, log, _ in running:  # interrupted: leave no orphan trainers behind
-            proc.terminate()
-            proc.wait()
-            log.close()
+        _stop(running)  # interrupted: leave no orphan trainers behind
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
     return [results[s.name] for s in specs]
@@ -244,6 +251,46 @@ def run_all(
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
+
+
+def start_trainer(cmd: Sequence[str], log: IO, env: dict[str, str]) -> subprocess.Popen:
+    """Start `cmd` as the leader of a new process group that dies with this process (see the module doc)."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=_parent_death_hook())
+
+
+def stop_trainer(proc: subprocess.Popen) -> None:
+    """SIGTERM to the trainer's whole process group (its ranks too, when it is a launcher itself)."""
+    with contextlib.suppress(ProcessLookupError):  # the group has already gone
+        os.killpg(proc.pid, signal.SIGTERM)
+
+
+def _stop(running: list) -> None:
+    # Signal every group first, then wait: all trainers save their checkpoints at once, not one by one.
+    for _, proc, _, _ in running:
+        stop_trainer(proc)
+    for _, proc, log, _ in running:
+        proc.wait()
+        log.close()
+
+
+def _parent_death_hook() -> Optional[Callable[[], None]]:
+    """A preexec_fn asking the kernel to SIGTERM the child when this launcher dies (Linux only; None elsewhere).
+
+    The kernel tracks the thread that forked the child, so the thread calling this must outlive its trainers,
+    as run_all's does.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: between fork and exec, only call it
+    launcher = os.getpid()
+
+    def hook() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+        if os.getppid() != launcher:  # the launcher died before the prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return hook
 
 
 def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel: int, trainer: Sequence[str],
@@ -256,7 +303,7 @@ def _drive(todo: list, running: list, results: dict, rule: MetricRule, parallel:
             cmd = trainer_command(spec, trainer)
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_child_env(threads))
+            proc = start_trainer(cmd, log, _child_env(threads))
             running.append((spec, proc, log, time.perf_counter()))
             if echo:
                 print(f"[start] {spec.name}", flush=True)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megamu.checkpoint import (current_layout, load_checkpoint, plan_resume, read_pointer, save_checkpoint, tag_for,
+from megamu.checkpoint import (DataPosition, check_loaded_position, check_resume, current_layout, load_checkpoint,
+                               plan_resume, read_pointer, save_checkpoint, save_data_position, tag_for,
                                with_load_universal)
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
 from megamu.data.vocabulary import check_token_ids
@@ -66,6 +67,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         from megamu.parallel import initialize_parallel
         from megamu.parallel.launch_env import apply_launch_env
+        from megamu.training.run_lock import hold_run_lock
 
         # srun / mpirun give the world size in their own variables: derive it before validating the config.
         world_size = apply_launch_env().world_size
@@ -79,7 +81,12 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.is_writer = self.rank == 0
+        # Before the resume plan, watchdog and engine: a second job on this directory is refused on every rank.
+        hold_run_lock(t.out_dir, self.rank)
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        # Before anything is loaded or written: a resume may not change the model, and says what else it changes.
+        self.resume_changes = check_resume(cfg, self.ckpt_dir) if t.resume else None
+        self.train_samples = self._train_samples()
         # Before the engine, which must be built to load a universal checkpoint; and before the watchdog, so
         # that a refused resume ends every rank as a user error.
         self.resume_plan = plan_resume(self.ckpt_dir, current_layout(zero_stage(self.ds_config))) if t.resume else None
@@ -93,6 +100,16 @@ class Trainer:
             self._report_failure(error)
             raise
 
+    def _train_samples(self) -> int:
+        """The size of the train dataset's shuffle (see checkpoint/compat.py); notes what a resume changes."""
+        t = self.cfg.train
+        if self.resume_changes is not None:
+            self.notes += self.resume_changes.notes
+            return self.resume_changes.train_samples
+        if t.resume:
+            self.notes.append(f"no checkpoint found in {self.ckpt_dir}, starting from step 0")
+        return t.max_steps * t.global_batch_size
+
     def _build(self) -> None:
         """Data, engine and run metadata: everything after the watchdog starts."""
         from megamu.data import build_datasets
@@ -103,12 +120,11 @@ class Trainer:
         self.preemption = Preemption(t.preempt_grace_s, self._resume_point)
         if self.is_writer:
             os.makedirs(t.out_dir, exist_ok=True)
-            save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
 
         _seed_everything(t.seed)
         # Dropout inside TP regions draws from a per-TP-rank stream (megamu.parallel.random).
         seed_tensor_parallel_rng(t.seed, self.state.get_tensor_model_parallel_group())
-        self.datasets = build_datasets(cfg, {"train": t.max_steps * t.global_batch_size,
+        self.datasets = build_datasets(cfg, {"train": self.train_samples,
                                              "valid": t.eval_iters * t.global_batch_size})
         self.bytes_per_token = _bytes_per_token(cfg)
         self.optimizer_step = build_engine(cfg, self.ds_config, self.state)
@@ -153,8 +169,10 @@ class Trainer:
         # Under one key: DeepSpeed strips its own names (skipped_steps, global_steps, ...) from client state.
         client_state = {"megamu": {"step": progress.step, "skipped_steps": progress.skipped_steps,
                                    "sampler": {"consumed_samples": progress.consumed_samples},
-                                   "tokens": progress.step * self.tokens_per_step,
-                                   "flops": progress.step * self.tokens_per_step * self.flops_per_token}}
+                                   **self._counters(progress)}}
+        if self.is_writer and not diverged:  # the pointer never names a diverged checkpoint
+            save_data_position(self.ckpt_dir, tag_for(progress.step),
+                               DataPosition(progress.step, progress.consumed_samples, self.train_samples))
         return save_checkpoint(self.engine, self.ckpt_dir, progress.step, client_state, self.cfg, diverged=diverged)
 
     def _resume(self, progress: Progress) -> None:
@@ -166,6 +184,8 @@ class Trainer:
         progress.step = int(saved["step"])
         progress.skipped_steps = int(saved["skipped_steps"])
         progress.consumed_samples = int(saved["sampler"]["consumed_samples"])
+        check_loaded_position(self.resume_changes.position, progress.consumed_samples,
+                              f"checkpoint {self.resume_plan.tag} in {self.ckpt_dir}")
 
     def _restart_advice(self) -> str:
         """Where a resume after a divergence starts: the pointer never names the diverged weights."""
@@ -202,8 +222,10 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         progress = Progress()
         self._resume(progress)
+        if self.is_writer:  # only now: a failed resume leaves the config that describes the checkpoint
+            save_config(cfg, os.path.join(t.out_dir, "config.yaml"))
         start_step = progress.step
-        loader = self._batches("train", t.max_steps * t.global_batch_size, progress.consumed_samples)
+        loader = self._batches("train", self.train_samples, progress.consumed_samples)
         batches = iter(loader)
         last_step = t.stop_at_step or t.max_steps
         logger = RunLogger(cfg, self.meta, self.is_writer, start_step)
@@ -248,7 +270,7 @@ class Trainer:
                 if (t.eval_interval and progress.step % t.eval_interval == 0) or at_end:
                     progress.last_eval = self.evaluate()
                     if progress.last_eval is not None:
-                        logger.log_eval({**self._counters(progress.step), **progress.last_eval})
+                        logger.log_eval({**self._counters(progress), **progress.last_eval})
                 periodic = t.save_interval and progress.step % t.save_interval == 0
                 if periodic and guard.consecutive and not (at_end or progress.preempted):
                     # The pointer must keep naming a checkpoint from before the streak, should it become a divergence.
@@ -265,13 +287,14 @@ class Trainer:
             plot_loss_curve(t.out_dir)
         return self._summary(progress, start_step)
 
-    def _counters(self, step: int) -> dict[str, Any]:
-        tokens = step * self.tokens_per_step
-        return {"step": step, "tokens": tokens, "flops": tokens * self.flops_per_token}
+    def _counters(self, progress: Progress) -> dict[str, Any]:
+        # From the samples consumed, so a resume with another global batch size continues the columns.
+        tokens = progress.consumed_samples * self.cfg.model.seq_len
+        return {"step": progress.step, "tokens": tokens, "flops": tokens * self.flops_per_token}
 
     def _train_record(self, progress: Progress, loss: float, grad_norm: Optional[float], tokens_per_s: float,
                       elapsed: float) -> dict[str, Any]:
-        return {**self._counters(progress.step), "loss": loss if math.isfinite(loss) else None,
+        return {**self._counters(progress), "loss": loss if math.isfinite(loss) else None,
                 "lr": base_lr(progress.step - 1, self.cfg.train),
                 "grad_norm": grad_norm if is_finite(grad_norm) else None, "tokens_per_s": tokens_per_s,
                 "mfu": mfu(tokens_per_s, self.flops_per_token, self.world_size, self.peak.flops), "time_s": elapsed,
@@ -279,7 +302,7 @@ class Trainer:
 
     def _summary(self, progress: Progress, start_step: int) -> dict[str, Any]:
         evaluation = progress.last_eval or {}
-        return {**self._counters(progress.step), "run_dir": self.cfg.train.out_dir, "start_step": start_step,
+        return {**self._counters(progress), "run_dir": self.cfg.train.out_dir, "start_step": start_step,
                 "train_losses": progress.train_losses,
                 "final_loss": progress.train_losses[-1] if progress.train_losses else None,
                 "val_loss": evaluation.get("val_loss"), "val_bpb": evaluation.get("val_bpb"),

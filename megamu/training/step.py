@@ -11,6 +11,13 @@ norm is finite exactly when every gradient is): the loop's own at ZeRO 0, DeepSp
 computed over every rank before the inner step runs. Only without a norm does the gate pass over the
 gradients itself and all-reduce the verdict, so all ranks skip together and replicas never diverge.
 
+Host syncs: a step reads back to the host only what its skip verdict needs, which must be known (and
+the same on every rank) before the update: the DP-mean loss (one all-reduce of a [loss, count] pair, one
+read) and, at ZeRO 0, megamu's gradient norm (one all-reduce, one read; DeepSpeed's ZeRO optimizers compute
+theirs anyway). Micro-batch losses stay on the device until then, and validation sums its losses on the
+device. The loop adds one more read per step, the SIGTERM vote (training/preemption.py); everything it
+logs waits for the logging interval.
+
 In bf16 DeepSpeed's wrapper may decide first (see training/ds_config.py for which wrapper each ZeRO stage
 gets): at ZeRO 0 (`FP16_UnfusedOptimizer`) and ZeRO 1 (`BF16_Optimizer`) it skips a step with a non-finite
 norm without calling the inner step, on every rank alike, since its norm is global. The step still counts
@@ -32,9 +39,10 @@ from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
 
 
-def group_mean(total: float, count: int, group: Optional[dist.ProcessGroup], device: torch.device) -> float:
-    """Sum of `total` over the group's ranks divided by the sum of `count`."""
-    buf = torch.tensor([total, float(count)], dtype=torch.float64, device=device)
+def group_mean(total: torch.Tensor, count: int, group: Optional[dist.ProcessGroup]) -> float:
+    """Sum of the scalar `total` (on any device) over the group's ranks divided by the sum of `count`: one
+    all-reduce and one read back to the host."""
+    buf = torch.stack([total.to(torch.float64), total.new_tensor(float(count), dtype=torch.float64)])
     dist.all_reduce(buf, group=group)
     return float(buf[0] / buf[1])
 
@@ -136,7 +144,7 @@ class OptimizerStep:
             micro_losses.append(loss.detach().float())
             if micro_step < accumulation - 1:
                 engine.step()  # DeepSpeed counts micro steps here; it updates only at the boundary
-        loss = group_mean(float(torch.stack(micro_losses).sum()), len(micro_losses), self.dp_group, engine.device)
+        loss = group_mean(torch.stack(micro_losses).sum(), len(micro_losses), self.dp_group)
         loss_bad = not math.isfinite(loss)
         grad_norm = self._zero0_grad_norm() if self.zero_stage == 0 else None
         self.gate.begin_step(loss_is_bad=loss_bad, grad_norm=grad_norm)
@@ -152,14 +160,14 @@ class OptimizerStep:
         """Mean loss over this rank's validation micro batches `batches`, averaged over data parallelism."""
         engine = self.engine
         engine.eval()
-        total, count = 0.0, 0
+        total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
         with torch.no_grad():
             for tokens in batches:
                 tokens = tokens.to(engine.device, non_blocking=True)
-                total += float(engine(tokens[:, :-1], labels=tokens[:, 1:]))
+                total += engine(tokens[:, :-1], labels=tokens[:, 1:]).double()  # summed on the device: no sync
                 count += 1
         engine.train()
-        return group_mean(total, count, self.dp_group, engine.device)
+        return group_mean(total, count, self.dp_group)
 
     def _zero0_grad_norm(self) -> float:
         """Global gradient norm before clipping, for ZeRO 0 where DeepSpeed does not report one.
