@@ -49,6 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Another process may take the free port between free_port() and rank 0's bind: such a launch is retried.
+PORT_TAKEN = ("EADDRINUSE", "Address already in use")
+
+
 def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
            extra_env: Optional[dict[str, str]] = None,
            rank_env: Optional[Callable[[int], dict[str, str]]] = None) -> LaunchResult:
@@ -57,6 +61,15 @@ def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
     Each rank gets torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or
     with `rank_env` only the variables rank_env(rank) returns (to play srun or mpirun).
     """
+    for _attempt in range(3):
+        result = _launch_once(args, nprocs, timeout, extra_env, rank_env)
+        if not any(marker in r.output for r in result.ranks for marker in PORT_TAKEN):
+            break
+    return result
+
+
+def _launch_once(args: list[str], nprocs: int, timeout: float, extra_env: Optional[dict[str, str]],
+                 rank_env: Optional[Callable[[int], dict[str, str]]]) -> LaunchResult:
     port = str(free_port())
     # A launcher around the tests (pytest under srun or mpirun) must not leak its variables into the ranks.
     inherited = without_launch_env(os.environ)
