@@ -134,13 +134,18 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--all-options", action="store_true", help="also score every fit option (chooses the default)")
     parser.add_argument("--only-options", action="store_true", help="score the fit options only, without the table")
     parser.add_argument("--append", metavar="FILE", help="append the section to this markdown file")
+    parser.add_argument("--only", metavar="TEXT", default="",
+                        help="only the splits whose ladder file name contains TEXT (e.g. refinedweb)")
     args = parser.parse_args(argv)
     directory = args.ladders or published.ladders_dir()
     if not directory.is_dir():
         print(f"no published ladders at {directory}: nothing to benchmark")
         return 1
     start = time.time()
-    ladders = [published.load(split, directory) for split in published.SPLITS]
+    ladders = [published.load(split, directory) for split in published.SPLITS if args.only in split.file]
+    if not ladders:
+        print(f"no split's ladder file name contains {args.only!r}")
+        return 1
     lines = [SECTION, ""]
     if not args.only_options:
         rows = _rows(ladders, DEFAULT_OPTIONS, baselines=True)
