@@ -6,6 +6,7 @@ process group or data is touched.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
@@ -194,14 +195,17 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return int(as_float)
     if hint is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan compares false with every bound a later check would apply
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         return str(value)
     if hint is list or origin is list:

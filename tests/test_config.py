@@ -167,3 +167,15 @@ def test_a_shipped_deepspeed_json_is_found_by_name_or_checkout_path_only(cfg, tm
 def test_a_negative_number_of_loader_workers_is_refused(cfg):
     cfg.data.loader_workers = -1
     assert "data.loader_workers=-1 must not be negative" in error_of(cfg)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("mup.init_std=nan", "mup.init_std: expected a finite number, got 'nan'"),
+    ("train.lr=inf", "train.lr: expected a finite number, got 'inf'"),
+    ("train.max_steps=inf", "train.max_steps: expected an integer, got 'inf'"),
+    ("train.max_steps=nan", "train.max_steps: expected an integer, got 'nan'"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert message in str(info.value)
