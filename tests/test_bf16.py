@@ -14,7 +14,7 @@ import torch
 from dist import run_script, run_train
 from megamu.config import ConfigError, load_config
 from megamu.training.ds_config import build_ds_config
-from test_train_e2e import losses, write_config
+from test_train_e2e import config, losses, runs  # noqa: F401 (fixtures: the tiny config and a runs folder)
 
 BF16 = ["train.dtype=bf16", "train.micro_batch_size=2", "train.global_batch_size=8"]
 
@@ -117,17 +117,6 @@ build_model = megamu.model.build_model
 megamu.model.build_model = lambda *args: build_model(*args).to(torch.bfloat16)
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def config(tmp_path_factory, tiny_tokenizer, tiny_dataset_prefix) -> str:
-    root = tmp_path_factory.mktemp("bf16")
-    return write_config(str(root / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix, str(root / "runs"))
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("bf16_runs")
 
 
 def train(config: str, out_dir, *overrides: str, nprocs: int = 1, ds: str = "zero1", script: str | None = None) -> str:
