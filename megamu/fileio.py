@@ -3,14 +3,23 @@
 `atomic_write` writes to a temporary file beside the target (a name no other writer, process or thread,
 can share), flushes and fsyncs it, renames it into place and fsyncs the directory, so the rename itself
 survives a power loss; until the rename the old file (or none) is what readers see.
+
+A writer holds a lock on its temporary file while it exists (`lock_temporary`), and the kernel drops it
+however the writer ends, so the next run can remove what a killed one left (`remove_stale_temporaries`)
+without touching a live writer's file.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
 import os
 import tempfile
+import warnings
 from typing import IO, Iterator
+
+from megamu.errors import MegamuWarning
 
 
 def _umask() -> int:
@@ -33,6 +42,7 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     try:
         with os.fdopen(fd, mode) as handle:
             os.chmod(tmp, NEW_FILE_MODE)
+            lock_temporary(fd)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -42,6 +52,43 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
             os.remove(tmp)
         raise
     _fsync_directory(directory)
+
+
+def lock_temporary(fd: int) -> None:
+    """Mark the temporary file open as `fd` as being written (until it is closed); a filesystem without
+    flock gets no mark, and its stale files are then named rather than removed."""
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def remove_stale_temporaries(pattern: str) -> list[str]:
+    """Remove the temporary files matching `pattern` that no live writer holds (a killed run's), warning
+    once with their names; returns the removed paths."""
+    removed, unknown = [], []
+    for path in sorted(glob.glob(pattern)):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # its writer finished meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer's
+            continue
+        except OSError:
+            unknown.append(path)
+            continue
+        else:
+            os.remove(path)
+            removed.append(path)
+        finally:
+            os.close(fd)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary file(s) an interrupted run left: {', '.join(removed)}",
+                      MegamuWarning)
+    if unknown:
+        warnings.warn(f"temporary file(s) {', '.join(unknown)} may be an interrupted run's (this filesystem cannot "
+                      f"tell); delete them if no other run is writing there", MegamuWarning)
+    return removed
 
 
 def atomic_replace(tmp: str, path: str) -> None:

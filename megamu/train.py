@@ -8,7 +8,8 @@
 --deepspeed_config a json file or a shipped name (zero0 ... zero3).
 
 Exit codes: 0 done, or stopped by SIGTERM after a step with a checkpoint (preempted; resume with
-train.resume=true), 2 user error (a bad config, before anything is allocated; one `error:` line),
+train.resume=true), 2 user error (a bad config, data file or checkpoint; one `error:` line from the first
+rank of each node, or from the one rank whose own checkpoint file is bad, and no traceback),
 3 stopped after train.max_bad_steps consecutive non-finite steps (a checkpoint was saved), 4 another
 rank was lost (its heartbeat stopped; one `error:` line names it), 143 SIGTERM but the step and its
 checkpoint did not finish within train.preempt_grace_s.
@@ -22,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from megamu.cli import ArgumentParser, console_script
 from megamu.config import Config, load_config
+from megamu.errors import EXIT_USER_ERROR, MegamuError
 from megamu.shipped import resolve_config
 from megamu.training.metrics import plot_loss_curve
 
@@ -71,6 +73,27 @@ def _end_failed_rank(code: int) -> int:
 
 @console_script
 def _run(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        return _train_from_args(argv)
+    except (MegamuError, FileNotFoundError) as error:
+        if _says_user_errors() or not getattr(error, "every_rank", True):
+            raise  # printed as one `error:` line by console_script
+        return EXIT_USER_ERROR
+
+
+def _says_user_errors() -> bool:
+    """Whether this rank prints a user error: the first rank of each node does. The node's other ranks read
+    the same config and files, so they would only repeat its line; they exit with the same code, quietly.
+    A problem with one rank's own files (every_rank False) is said by that rank."""
+    from megamu.parallel.launch_env import derive_launch_env  # only now: it imports torch
+
+    try:
+        return derive_launch_env(os.environ).local_rank == 0
+    except MegamuError:  # the launcher's variables are the problem: say it
+        return True
+
+
+def _train_from_args(argv: Optional[Sequence[str]]) -> int:
     from megamu.training.guards import TrainingDiverged
 
     args = parse_args(argv)

@@ -29,7 +29,8 @@ def test_rng_file_restores_the_streams_and_its_absence_names_the_file(tmp_path):
     want = (random.random(), torch.rand(2))
     load_rng_state(str(tmp_path), "global_step1", 0)
     assert random.random() == want[0] and torch.equal(torch.rand(2), want[1])
-    with pytest.raises(CheckpointError, match="rng_rank00001.pt is missing.*same number of ranks"):
+    with pytest.raises(CheckpointError, match=r"rng_rank00001.pt, the random state of rank 1 in checkpoint "
+                                              r"global_step1, is missing or corrupt \(it does not exist\)"):
         load_rng_state(str(tmp_path), "global_step1", 1)
 
 

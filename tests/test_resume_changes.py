@@ -103,7 +103,7 @@ def saved_run(tmp_path):
 
 def plan(run: str, *overrides: str):
     cfg = load_config(os.path.join(run, "config.yaml"), list(overrides))
-    return check_resume(cfg, os.path.join(run, "checkpoints"))
+    return check_resume(cfg, os.path.join(run, "checkpoints"), "global_step2")
 
 
 def test_a_global_batch_not_dividing_the_consumed_samples_is_refused(saved_run):

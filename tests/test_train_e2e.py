@@ -171,8 +171,27 @@ def test_resuming_with_another_zero_stage_names_the_cause(config, runs, referenc
     shutil.copytree(reference, run)  # saved under ZeRO 1
     result = run_train(["--config", config, f"train.out_dir={run}", "train.resume=true", "train.max_steps=8",
                         "--deepspeed_config", "ds_configs/zero0.json"], 1)
-    assert not result.ok
-    assert "resumes with the ZeRO stage, parallel layout and world size it was saved with" in result.ranks[0].output
+    assert result.returncodes == [2], result.describe()
+    out = result.ranks[0].output
+    assert "saved under ZeRO stage 1, and this run uses stage 0" in out and "--deepspeed_config zero1" in out, out
+    assert out.count("error:") == 1 and "Traceback" not in out
+
+
+def test_one_ranks_corrupt_checkpoint_file_is_one_line_from_it_and_one_naming_it(config, runs, dp2_zero1):
+    import shutil
+
+    run = runs / "corrupt_rng_rank1"
+    shutil.copytree(dp2_zero1, run)
+    rng_file = run / "checkpoints" / "global_step6" / "rng_rank00001.pt"
+    rng_file.write_bytes(bytes(rng_file.stat().st_size))  # same size: only loading it shows the damage
+    result = run_train(["--config", config, f"train.out_dir={run}", "train.resume=true", "train.max_steps=8",
+                        "--deepspeed_config", "ds_configs/zero1.json"], 2)
+    assert result.returncodes == [4, 2], result.describe()
+    for rank in result.ranks:
+        assert rank.output.count("error:") == 1 and "Traceback" not in rank.output, result.describe()
+    assert "rank 1 (host" in result.ranks[0].output and "failed (its log has the cause)" in result.ranks[0].output
+    assert "rng_rank00001.pt, the random state of rank 1 in checkpoint global_step6, is missing or corrupt" in \
+        result.ranks[1].output
 
 
 def test_resuming_a_finished_run_trains_nothing_and_succeeds(config, runs, reference):

@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from megamu.checkpoint.merge import run_config
-from megamu.checkpoint.pointer import read_pointer
 from megamu.config import Config
 from megamu.errors import CheckpointError, ConfigError
 from megamu.fileio import atomic_write
@@ -132,10 +131,10 @@ def _notes(position: DataPosition, train_samples: int, changes: dict[str, tuple[
     return notes
 
 
-def check_resume(cfg: Config, ckpt_dir: str) -> Optional[ResumeChanges]:
-    """What resuming the newest complete checkpoint in `ckpt_dir` with `cfg` (resolved) changes, or None when
-    there is none. Raises ConfigError for a change the checkpoint cannot take; reads, never writes."""
-    tag = read_pointer(ckpt_dir)
+def check_resume(cfg: Config, ckpt_dir: str, tag: Optional[str]) -> Optional[ResumeChanges]:
+    """What resuming checkpoint `tag` (store.resume_tag's choice) in `ckpt_dir` with `cfg` (resolved) changes,
+    or None when there is none. Raises ConfigError for a change the checkpoint cannot take; reads, never
+    writes."""
     if tag is None:
         return None
     run_dir = cfg.train.out_dir

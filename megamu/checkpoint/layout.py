@@ -7,7 +7,8 @@ per DP rank, so the layout decides what a checkpoint can be loaded into:
 - another DP size at ZeRO 0: fine, the optimizer state is whole in each TP rank's model file;
 - another DP size at ZeRO 1 or 2 (any TP and PP), under the stage it was saved with: through DeepSpeed's
   universal checkpoint (universal.py), as DeepSpeed's ordinary load cannot repartition the optimizer state;
-- another DP size otherwise: refused. ZeRO 3 and a change of stage are conversions megamu does not make.
+- another DP size otherwise: refused. ZeRO 3 and a change of stage are conversions megamu does not make;
+- another ZeRO stage at the same DP size: refused, but for 1 ↔ 2, which save the same files.
 
 Each checkpoint carries `layout.json`, written by rank 0 before the ranks vote on the save.
 """
@@ -71,6 +72,12 @@ def check_resumable(saved: CheckpointLayout, current: CheckpointLayout, where: s
             f"this run has {current.data} under ZeRO stage {current.zero_stage}; the data-parallel size can change "
             f"only under ZeRO 0, or under the ZeRO 1 or 2 stage it was saved with (through DeepSpeed's universal "
             f"checkpoint): {_dp_change_fix(saved)}")
+    # ZeRO 1 and 2 keep the same files (optimizer partitions by DP rank); other stages keep other ones.
+    if saved.zero_stage != current.zero_stage and {saved.zero_stage, current.zero_stage} != {1, 2}:
+        raise CheckpointError(
+            f"{where} was saved under ZeRO stage {saved.zero_stage}, and this run uses stage {current.zero_stage}, "
+            f"whose checkpoint files differ; pass --deepspeed_config zero{saved.zero_stage} (or the json the run "
+            f"was started with; without it the stage is 0 on one data-parallel rank and 1 otherwise)")
 
 
 def needs_universal(saved: CheckpointLayout, current: CheckpointLayout) -> bool:

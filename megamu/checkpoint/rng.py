@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from megamu import runtime
-from megamu.errors import CheckpointError
+from megamu.errors import RankCheckpointError
 from megamu.fileio import atomic_write
 from megamu.parallel.random import get_rng_tracker
 
@@ -46,9 +46,13 @@ def save_rng_state(ckpt_dir: str, tag: str, rank: int) -> None:
 
 
 def load_rng_state(ckpt_dir: str, tag: str, rank: int) -> None:
-    """Restore this rank's streams from checkpoint `tag`."""
+    """Restore this rank's streams from checkpoint `tag` (saved by `rank`)."""
     path = rng_path(ckpt_dir, tag, rank)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} is missing: checkpoint {tag} was saved with a different world size; "
-                              f"resume with the same number of ranks")
-    set_rng_state(torch.load(path, weights_only=False))
+    try:
+        state = torch.load(path, weights_only=False)
+    except Exception as e:  # missing, truncated or overwritten: torch names the symptom, not the file
+        cause = "it does not exist" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+        raise RankCheckpointError(f"{path}, the random state of rank {rank} in checkpoint {tag}, is missing or "
+                                  f"corrupt ({cause}); restore the file, or resume from an earlier checkpoint "
+                                  f"(delete the folder {os.path.join(ckpt_dir, tag)})") from e
+    set_rng_state(state)

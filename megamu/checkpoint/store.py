@@ -6,15 +6,17 @@ megamu's pointer. Resume reads only that pointer, so a crash mid-save leaves the
 checkpoint in charge. Every rank must read the same pointer (the checkpoint directory is shared), and
 the saved layout must allow the current one (layout.py), before DeepSpeed loads anything.
 
-Resuming is two calls: `plan_resume` before the engine is built, because a change of data-parallel size
-under ZeRO 1/2 loads DeepSpeed's universal checkpoint (universal.py), which the engine must be built for;
-then `load_checkpoint` into the engine.
+Resuming is three calls: `resume_tag` picks the checkpoint (the pointer's, or the newest intact one before
+it when a file of it is missing or truncated: manifest.py); `plan_resume` runs before the engine is built,
+because a change of data-parallel size under ZeRO 1/2 loads DeepSpeed's universal checkpoint
+(universal.py), which the engine must be built for; then `load_checkpoint` loads it into the engine.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -22,11 +24,12 @@ import torch.distributed as dist
 
 from megamu.checkpoint.layout import (CheckpointLayout, check_resumable, needs_universal, read_layout,
                                       rng_source_rank, save_layout)
+from megamu.checkpoint.manifest import drop_manifest, intact_tag, write_manifest
 from megamu.checkpoint.pointer import POINTER, diverged_tag, read_pointer, tag_for, write_pointer
 from megamu.checkpoint.rng import load_rng_state, save_rng_state
 from megamu.checkpoint.universal import convert_to_universal, universal_info, universal_tag
 from megamu.config import Config
-from megamu.errors import CheckpointError
+from megamu.errors import CheckpointError, MegamuWarning, RankCheckpointError
 from megamu.parallel.state import any_rank, get_parallel_state
 
 
@@ -99,6 +102,7 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[st
     try:
         if rank == 0:  # a tag saved anew (after a resume from an older one) must not keep an old conversion
             shutil.rmtree(os.path.join(ckpt_dir, universal_tag(tag)), ignore_errors=True)
+            drop_manifest(ckpt_dir, tag)  # nor pass for complete while it is rewritten
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
         save_rng_state(ckpt_dir, tag, rank)
         if rank == 0:
@@ -110,6 +114,7 @@ def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[st
         raise RuntimeError(f"checkpoint {tag} in {ckpt_dir} failed on at least one rank; "
                            f"{POINTER} still names the previous complete checkpoint") from error
     if rank == 0 and not diverged:
+        write_manifest(ckpt_dir, tag)
         write_pointer(ckpt_dir, tag)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the pointer (or exits) before it has moved
@@ -146,15 +151,33 @@ def _universal_conversion(ckpt_dir: str, tag: str) -> str:
     return universal_tag(tag)
 
 
-def plan_resume(ckpt_dir: str, current: CheckpointLayout) -> Optional[ResumePlan]:
-    """Collective: what resuming in layout `current` loads, or None when there is no complete checkpoint.
+def resume_tag(ckpt_dir: str) -> Optional[str]:
+    """Collective: the checkpoint a resume loads, or None when there is no complete checkpoint.
 
-    Refuses, on every rank, a checkpoint that is not the same on every rank or whose layout cannot resume
-    in `current`, and writes the universal conversion a ZeRO 1/2 change of DP size needs.
+    The pointer's, once every rank has read the same one; when a file of it is missing or truncated, the
+    newest intact complete one before it, which rank 0 picks and announces. Raises CheckpointError on every
+    rank when none is usable.
     """
     tag = _agreed_tag(ckpt_dir)
     if tag is None:
         return None
+    choice = [intact_tag(ckpt_dir, tag) if _rank() == 0 else None]
+    if dist.is_initialized():  # one verdict, rank 0's, however the others' view of the files differs
+        dist.broadcast_object_list(choice, src=0)
+    chosen, said = choice[0]
+    if chosen is None:
+        raise CheckpointError(said)
+    if said and _rank() == 0:
+        warnings.warn(said, MegamuWarning)
+    return chosen
+
+
+def plan_resume(ckpt_dir: str, tag: str, current: CheckpointLayout) -> ResumePlan:
+    """Collective: what resuming checkpoint `tag` (from resume_tag) in layout `current` loads.
+
+    Refuses, on every rank, a checkpoint whose layout cannot resume in `current`, and writes the universal
+    conversion a ZeRO 1/2 change of DP size needs.
+    """
     saved = read_layout(ckpt_dir, tag)
     if saved is None:  # checkpoints from before layout records load as before
         return ResumePlan(tag, None, tag)
@@ -175,10 +198,13 @@ def load_checkpoint(engine: Any, ckpt_dir: str, plan: ResumePlan) -> dict[str, A
     try:
         load_path, client_state = engine.load_checkpoint(ckpt_dir, tag=plan.load_tag)
     except Exception as e:  # DeepSpeed's own message names files, not the usual cause
-        raise CheckpointError(f"could not load checkpoint {plan.load_tag} from {ckpt_dir} ({type(e).__name__}: "
-                              f"{e}). A checkpoint resumes with the ZeRO stage, parallel layout and world size it "
-                              f"was saved with; without --deepspeed_config the stage is 0 on one data-parallel "
-                              f"rank and 1 otherwise, so pass the json the run was started with") from e
+        # This rank's files: the others may have loaded theirs, so this rank says it (RankCheckpointError).
+        raise RankCheckpointError(
+            f"rank {_rank()} could not load checkpoint {plan.load_tag} from {ckpt_dir} ({type(e).__name__}: {e}): "
+            f"a file of it is corrupt, or it was saved with another ZeRO stage or layout. Restore the file or "
+            f"resume from an earlier checkpoint (delete this one's folder); a checkpoint resumes with the ZeRO "
+            f"stage it was saved with (without --deepspeed_config the stage is 0 on one data-parallel rank and 1 "
+            f"otherwise)") from e
     if load_path is None:
         raise CheckpointError(f"{os.path.join(ckpt_dir, POINTER)} names {tag!r} but DeepSpeed could not load it; "
                               f"delete the pointer to start afresh or point it at another complete tag")

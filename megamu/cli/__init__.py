@@ -9,9 +9,10 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 from typing import Callable, NoReturn, Optional, Sequence
 
-from megamu.errors import EXIT_USER_ERROR, MegamuError
+from megamu.errors import EXIT_USER_ERROR, MegamuError, MegamuWarning
 
 Main = Callable[[Optional[Sequence[str]]], int]
 
@@ -32,12 +33,30 @@ def console_script(main: Main) -> Main:
     EXIT_USER_ERROR; any other exception is a bug and keeps its traceback."""
     @functools.wraps(main)
     def run(argv: Optional[Sequence[str]] = None) -> int:
+        show_megamu_warnings()
         try:
             return main(argv)
         except (MegamuError, FileNotFoundError) as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
     return run
+
+
+def show_megamu_warnings() -> None:
+    """Print a MegamuWarning as one `warning:` line (every time it happens); other warnings keep Python's format."""
+    default = warnings.showwarning
+    if getattr(default, "megamu", False):
+        return
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # type: ignore[no-untyped-def]
+        if issubclass(category, MegamuWarning):
+            print(f"warning: {one_line(message)}", file=file or sys.stderr)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    show.megamu = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
+    warnings.simplefilter("always", MegamuWarning)
 
 
 def one_line(exc: BaseException) -> str:

@@ -30,7 +30,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from megamu.errors import DataError
-from megamu.fileio import atomic_replace
+from megamu.fileio import NEW_FILE_MODE, atomic_replace, lock_temporary, remove_stale_temporaries
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -116,7 +116,10 @@ class IndexedDatasetWriter:
             raise FileNotFoundError(f"output directory {directory} does not exist (output prefix {prefix}); "
                                     f"create it first")
         base = os.path.basename(prefix)
+        remove_stale_temporaries(os.path.join(directory, f".{base}.*.tmp"))
         bin_fd, self._tmp_bin = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".bin.tmp")
+        os.fchmod(bin_fd, NEW_FILE_MODE)  # mkstemp's 0600 would be kept by the rename
+        lock_temporary(bin_fd)
         self._bin = os.fdopen(bin_fd, "wb")
         self._tmp_idx: Optional[str] = None
         self._sizes = array("i")  # int32, as the index stores them
@@ -182,17 +185,20 @@ class IndexedDatasetWriter:
         if self._doc_idx[-1] != len(self._sizes):
             raise ValueError(f"{self.prefix}: {len(self._sizes) - self._doc_idx[-1]} sequence(s) were added "
                              f"after the last end_document(); close the document before finalize()")
-        self._bin.close()
+        self._bin.flush()  # kept open, and so locked, until renamed: it is never taken for a stale file
         self._tmp_idx = self._tmp_bin[: -len(".bin.tmp")] + ".idx.tmp"
         with open(self._tmp_idx, "wb") as idx:
+            lock_temporary(idx.fileno())
             _write_index(idx, self._code, self.dtype.itemsize, self._sizes, self._doc_idx)
-        # Drop a stale index first: a crash between the renames then leaves a .bin without an
-        # .idx (a clear "missing file" error) rather than an old index over new tokens.
-        final_bin, final_idx = data_file_path(self.prefix), index_file_path(self.prefix)
-        if os.path.exists(final_idx):
-            os.remove(final_idx)
-        atomic_replace(self._tmp_bin, final_bin)  # each is on disk before it takes its final name
-        atomic_replace(self._tmp_idx, final_idx)
+            idx.flush()
+            # Drop a stale index first: a crash between the renames then leaves a .bin without an
+            # .idx (a clear "missing file" error) rather than an old index over new tokens.
+            final_bin, final_idx = data_file_path(self.prefix), index_file_path(self.prefix)
+            if os.path.exists(final_idx):
+                os.remove(final_idx)
+            atomic_replace(self._tmp_bin, final_bin)  # each is on disk before it takes its final name
+            atomic_replace(self._tmp_idx, final_idx)
+        self._bin.close()
         self._closed = True
 
     def abort(self) -> None:

@@ -24,7 +24,7 @@ from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
 from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError, DataError
-from megamu.fileio import atomic_write, file_sha256
+from megamu.fileio import atomic_write, file_sha256, remove_stale_temporaries
 
 CHUNK_DOCUMENTS = 256
 CHUNK_BYTES = 256 << 10  # small enough to balance the workers to the end of the input
@@ -187,8 +187,8 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
     start = time.perf_counter()
     written = n_tokens = n_bytes = 0
     max_token_id = -1
-    bar = tqdm(desc=f"tokenizing {key}", unit="doc", disable=not progress, smoothing=0.1)
     with IndexedDatasetWriter(data_prefix, dtype) as writer:
+        bar = tqdm(desc=f"tokenizing {key}", unit="doc", disable=not progress, smoothing=0.1)
         for chunk, tokens, lengths in _encoded_in_order(_chunks(documents), tokenizer, pool, eod_id, dtype, workers):
             writer.add_documents(tokens, lengths)
             written += len(chunk)
@@ -218,6 +218,7 @@ def _preprocess_key(sources: list[Source], key: str, data_prefix: str, tokenizer
 
 
 def _write_stats(data_prefix: str, stats: dict) -> None:
+    remove_stale_temporaries(f"{stats_path(data_prefix)}.*.tmp")
     with atomic_write(stats_path(data_prefix)) as f:
         json.dump(stats, f, indent=2, sort_keys=True)
         f.write("\n")

@@ -139,7 +139,8 @@ class Watchdog:
 
         `maybe_peer_loss`: the error may be a collective failing because a peer died. Then wait until every
         peer has shown it is alive (its count moved, or it reported a failure too); if one stays silent,
-        the judge ends this process naming it, instead of the caller printing the collective's echo.
+        the judge ends this process naming it, instead of the caller printing the collective's echo, and if
+        one reported a failure, this process ends naming that peer.
         """
         if maybe_peer_loss:
             self._wait_for_peers()
@@ -148,6 +149,12 @@ class Watchdog:
             distributed_c10d._get_default_store().set(_status_key(self.rank), _FAILED)
         except Exception:  # the store may be what failed; the peers then judge by silence
             pass
+        with self._lock:
+            failed = [peer for peer, seen in self._seen.items() if seen.status == _FAILED]
+        if maybe_peer_loss and failed:
+            # This rank's error is most likely the echo of a collective the failed peer broke off: the peer's
+            # own log says why, so one line here rather than this rank's traceback.
+            self._die(f"{self._name(failed[0])} failed (its log has the cause), and this rank with it")
 
     def _wait_for_peers(self) -> None:
         since = time.monotonic()

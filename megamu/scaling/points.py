@@ -39,21 +39,22 @@ class LossPoint:
 def read_points_csv(path: str, x_kind: str) -> list:
     """Read loss points from a CSV, naming the file, line and column of any bad value."""
     try:
-        with open(path, newline="") as handle:
-            rows = list(csv.DictReader(handle))
-            header = rows[0].keys() if rows else _header_of(path)
+        # utf-8-sig: spreadsheet exports start with a byte-order mark, which would otherwise stick to the
+        # first column's name.
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            header = [name.strip() for name in next(reader, [])]
+            # The reader's own line count, so blank lines and quoted line breaks do not shift it.
+            rows = [(reader.line_num, values) for values in reader if any(v.strip() for v in values)]
     except OSError as exc:
         raise FitError(f"cannot read points file {path}: {exc.strerror}") from None
-    columns = {name.strip() for name in header if name is not None}
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise FitError(f"{path}: not a readable CSV file ({exc}); save it as UTF-8 text, one point per line") from None
+    columns = {name for name in header if name}
     _check_columns(path, columns, x_kind)
     if not rows:
         raise FitError(f"{path} has a header but no rows of points")
-    return [_parse_row(path, line, row, columns) for line, row in enumerate(rows, start=2)]
-
-
-def _header_of(path: str) -> list:
-    with open(path, newline="") as handle:
-        return next(csv.reader(handle), [])
+    return [_parse_row(path, line, header, values, columns) for line, values in rows]
 
 
 def _check_columns(path: str, columns: set, x_kind: str) -> None:
@@ -71,8 +72,11 @@ def _check_columns(path: str, columns: set, x_kind: str) -> None:
         )
 
 
-def _parse_row(path: str, line: int, row: dict, columns: set) -> LossPoint:
-    row = {key.strip(): (value or "").strip() for key, value in row.items() if key is not None}
+def _parse_row(path: str, line: int, header: list, values: list, columns: set) -> LossPoint:
+    if len(values) > len(header):
+        raise FitError(f"{path}:{line}: {len(values)} values but the header names {len(header)} columns; "
+                       f"remove the extra values (or quote a value holding a comma)")
+    row = dict(zip(header, (value.strip() for value in values)))
 
     def number(column: str) -> Optional[float]:
         if column not in columns or row.get(column, "") == "":
@@ -85,19 +89,27 @@ def _parse_row(path: str, line: int, row: dict, columns: set) -> LossPoint:
             raise FitError(f"{path}:{line}: column {column} is {row[column]}; every value must be finite")
         return value
 
+    def integer(column: str) -> Optional[int]:
+        value = number(column)
+        if value is not None and not value.is_integer():
+            raise FitError(f"{path}:{line}: column {column} is {row[column]}, not a whole number")
+        return None if value is None else int(value)
+
     loss = number("loss")
     if loss is None:
         raise FitError(f"{path}:{line}: the loss is empty")
+    if loss <= 0:
+        raise FitError(f"{path}:{line}: the loss is {row['loss']}; a loss to fit must be positive")
     params = number("params")
     params_m = number("params_m")
-    width = number("width")
-    seed = number("seed")
+    width = integer("width")
+    seed = integer("seed")
     return LossPoint(
         name=row.get("name") or f"{path}:{line}",
         loss=loss,
         params=params_m * 1e6 if params_m is not None else params,
         tokens=number("tokens"),
         flops=number("flops"),
-        width=int(width) if width is not None else None,
-        seed=int(seed) if seed is not None else None,
+        width=width,
+        seed=seed,
     )

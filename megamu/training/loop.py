@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megamu.checkpoint import (DataPosition, check_loaded_position, check_resume, current_layout, load_checkpoint,
-                               plan_resume, read_pointer, save_checkpoint, save_data_position, tag_for,
+                               plan_resume, read_pointer, resume_tag, save_checkpoint, save_data_position, tag_for,
                                with_load_universal)
 from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
 from megamu.data.vocabulary import check_token_ids
@@ -84,12 +84,14 @@ class Trainer:
         # Before the resume plan, watchdog and engine: a second job on this directory is refused on every rank.
         hold_run_lock(t.out_dir, self.rank)
         self.ckpt_dir = os.path.join(t.out_dir, "checkpoints")
+        # The pointer's checkpoint, or the newest intact one before it when a file of it is missing or truncated.
+        tag = resume_tag(self.ckpt_dir) if t.resume else None
         # Before anything is loaded or written: a resume may not change the model, and says what else it changes.
-        self.resume_changes = check_resume(cfg, self.ckpt_dir) if t.resume else None
+        self.resume_changes = check_resume(cfg, self.ckpt_dir, tag)
         self.train_samples = self._train_samples()
         # Before the engine, which must be built to load a universal checkpoint; and before the watchdog, so
         # that a refused resume ends every rank as a user error.
-        self.resume_plan = plan_resume(self.ckpt_dir, current_layout(zero_stage(self.ds_config))) if t.resume else None
+        self.resume_plan = plan_resume(self.ckpt_dir, tag, current_layout(zero_stage(self.ds_config))) if tag else None
         if self.resume_plan is not None and self.resume_plan.universal:
             self.ds_config = with_load_universal(self.ds_config)
         # From here on a lost peer ends this rank within the heartbeat timeout, naming the peer.

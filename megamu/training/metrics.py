@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Optional
 
 from megamu.config import Config
+from megamu.errors import MegamuWarning
 
 METRICS_FILE = "metrics.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
@@ -63,6 +64,8 @@ class RunLogger:
         if not self.enabled:
             return
         path = os.path.join(self.run_dir, METRICS_FILE)
+        if os.path.exists(path):
+            _drop_torn_record(path)
         new_file = not os.path.exists(path) or os.path.getsize(path) == 0
         self.file = open(path, "a", buffering=1)
         if new_file:
@@ -169,6 +172,10 @@ def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
+                if not line.endswith("\n"):  # the last line, cut short by a writer that was killed
+                    warnings.warn(f"{path}:{line_no}: skipped the last line, a record cut short (what a "
+                                  f"trainer killed while writing leaves)", MegamuWarning)
+                    continue
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
             kind = record.get("kind")
             if kind == "meta" and meta is None:
@@ -181,6 +188,22 @@ def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
         raise ValueError(f"{path} has no meta record (the trainer writes it as the first line)")
     train, evals = ([records[s] for s in sorted(records)] for records in by_kind.values())
     return meta, train, evals
+
+
+def _drop_torn_record(path: str) -> None:
+    """Cut a last line left without its newline by a killed writer: appending after it would glue the next
+    record onto it, and one complete record per line is what readers rely on."""
+    with open(path, "rb+") as handle:
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - (1 << 20)))  # a record is far shorter than this
+        tail = handle.read()
+        if tail.endswith(b"\n"):
+            return
+        keep = size - len(tail) + tail.rfind(b"\n") + 1
+        handle.truncate(keep)
+    warnings.warn(f"{path}: dropped its last {size - keep} bytes, a record cut short when the run was stopped",
+                  MegamuWarning)
 
 
 def plot_loss_curve(run_dir: str, out_path: Optional[str] = None) -> str:
