@@ -138,3 +138,19 @@ def test_zero3_under_tensor_and_sequence_parallelism_follows_zero1(tmp_path, tin
     assert_close(losses(zero3), losses(zero1), REL_TOL)
     norms = [{r["step"]: r["grad_norm"] for r in read_records(run, "train")} for run in (zero3, zero1)]
     assert_close(*norms, REL_TOL)
+
+
+def test_a_zero3_dp2_checkpoint_exports_to_hugging_face_like_the_zero0_run(runs, tmp_path):
+    """megamu-export-hf gathers ZeRO 3's partitions through DeepSpeed's zero-to-fp32 conversion: the export of
+    the DP=2 run gives the logits of the one-process ZeRO 0 run's export (whose weights it follows)."""
+    from transformers import AutoModelForCausalLM
+
+    from megamu.cli.export_hf import main as export_main
+
+    logits = {}
+    tokens = torch.randint(0, 512, (1, 32), generator=torch.Generator().manual_seed(2))
+    for name in ("zero3", "reference"):
+        assert export_main([runs[name], str(tmp_path / name)]) == 0
+        with torch.no_grad():
+            logits[name] = AutoModelForCausalLM.from_pretrained(str(tmp_path / name)).eval()(tokens).logits
+    assert (logits["zero3"] - logits["reference"]).abs().max().item() < 1e-4

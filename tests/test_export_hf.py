@@ -1,0 +1,251 @@
+"""Hugging Face export (megamu-export-hf): for a trained tiny μP model of each architecture (llama saved as
+TP=2 shards, llama + QK-norm, gpt2 with grouped-query heads), the exported directory loads through
+AutoModelForCausalLM with the standard class and its logits equal megamu's (fp32: 1e-4 max abs; bf16:
+the stated tolerance); AutoTokenizer encodes and decodes as megamu's SentencePiece model; and a run
+without a complete checkpoint, an unexportable model or a missing transformers is one `error:` line."""
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+import torch
+
+from megamu.checkpoint import tag_for, write_pointer
+from megamu.cli.export_hf import main as export_main
+from megamu.cli.generate import main as generate_main
+from megamu.config import Config, load_config, save_config
+from megamu.export.decode import KVCache, forward_cached
+from megamu.export.sampling import Sampling, generate, top_p_filter
+from megamu.model import build_model, parameter_layout
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+STEPS = 3
+FP32_TOL = 1e-4
+# bf16 weights keep 8 significant bits: the logits move by a fraction of a percent of their largest magnitude
+# (measured 0.4-0.6% for these models); the tolerance is 2% of the largest |logit|
+BF16_REL_TOL = 0.02
+VARIANTS = {
+    "llama_tp2": ("model.n_kv_heads=2", "parallel.tensor=2"),
+    "llama_qk_norm": ("model.n_kv_heads=2", "model.qk_norm=true"),
+    "gpt2": ("model.arch=gpt2", "model.n_kv_heads=2"),
+}
+EXPECTED_CLASS = {"llama_tp2": "LlamaForCausalLM", "llama_qk_norm": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+
+
+def tiny_cfg(tokenizer_model: str, *overrides: str) -> Config:
+    """m = 2 and non-default μP multipliers, so every fold matters; a padded vocabulary (512 → 576)."""
+    base = ["model.hidden_size=64", "model.n_layers=2", "model.n_heads=4", "model.seq_len=32", "model.vocab_size=512",
+            "model.make_vocab_size_divisible_by=96", "mup.base_hidden_size=32", "mup.input_mult=1.7",
+            "mup.output_mult=0.6", "mup.attn_mult=3.0", "train.seed=5", f"data.tokenizer_model={tokenizer_model}"]
+    return load_config(None, base + list(overrides))
+
+
+def train_briefly(cfg: Config) -> torch.nn.Module:
+    """A few AdamW steps on random tokens (TP=1), so norms, biases and the zero-initialised readout move."""
+    single = load_config(None, [])
+    single.model, single.mup, single.train = cfg.model, cfg.mup, cfg.train
+    model = build_model(single)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len + 1), generator=generator)
+        model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+def save_run(cfg: Config, model: torch.nn.Module, run_dir: str) -> None:
+    """A run directory as megamu's trainer leaves it: config.yaml, one mp_rank file per TP rank, the pointer."""
+    os.makedirs(os.path.join(run_dir, "checkpoints", tag_for(STEPS)))
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    tp = cfg.parallel.tensor
+    layout = parameter_layout(cfg)
+    for rank in range(tp):
+        shard = {}
+        for name, tensor in model.state_dict().items():
+            dim = layout[name][0]
+            if dim is not None and layout[name][1] in ("embedding", "readout"):
+                tensor = torch.cat([tensor, tensor.new_zeros(cfg.padded_vocab_size() - tensor.size(0), tensor.size(1))])
+            shard[name] = tensor if dim is None else tensor.chunk(tp, dim=dim)[rank].clone()
+        torch.save({"module": shard}, os.path.join(run_dir, "checkpoints", tag_for(STEPS),
+                                                   f"mp_rank_{rank:02d}_model_states.pt"))
+    write_pointer(os.path.join(run_dir, "checkpoints"), tag_for(STEPS))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_tokenizer) -> dict[str, tuple[torch.nn.Module, str]]:
+    """Per variant: the trained megamu model and its run directory."""
+    root = tmp_path_factory.mktemp("export_runs")
+    out = {}
+    for variant, overrides in VARIANTS.items():
+        cfg = tiny_cfg(tiny_tokenizer.model_path, *overrides)
+        model = train_briefly(cfg)
+        save_run(cfg, model, str(root / variant))
+        out[variant] = (model, str(root / variant))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("exported")
+    out = {}
+    for variant, (_model, run_dir) in runs.items():
+        out[variant] = str(root / variant)
+        assert export_main([run_dir, out[variant]]) == 0
+    return out
+
+
+def sample_tokens() -> torch.Tensor:
+    return torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+
+
+def megamu_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(sample_tokens())[..., :512]
+
+
+def hf_logits(out_dir: str) -> tuple[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        return type(model).__name__, model(sample_tokens()).logits.float()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_exported_logits_equal_megamu_in_fp32(variant, runs, exported):
+    name, got = hf_logits(exported[variant])
+    assert name == EXPECTED_CLASS[variant]
+    want = megamu_logits(runs[variant][0])
+    assert got.shape == want.shape == (2, 32, 512)
+    assert want.abs().max() > 0.1  # a trained readout, not the zero init
+    assert (got - want).abs().max().item() < FP32_TOL
+    files = sorted(os.listdir(exported[variant]))
+    for required in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json"):
+        assert required in files
+
+
+def test_bf16_export_is_within_its_tolerance(runs, tmp_path, capsys):
+    _model, run_dir = runs["llama_qk_norm"]
+    assert export_main([run_dir, str(tmp_path), "--dtype", "bf16"]) == 0
+    assert "bf16" in capsys.readouterr().out
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "model.safetensors")).values()} == {torch.bfloat16}
+    _name, got = hf_logits(str(tmp_path))
+    want = megamu_logits(runs["llama_qk_norm"][0])
+    error = (got - want).abs().max().item()
+    assert FP32_TOL < error < BF16_REL_TOL * want.abs().max().item()  # really rounded, and stayed close
+
+
+TRICKY_TEXTS = ["plain words", " leading space", "double  space and trailing ", "tabs\tand\nnew\n\nlines\r\n",
+                "   ", "naïve café, 日本語 🤖", "\x00\x07 control bytes \x7f", "digits 1234567 3.14159",
+                "literal </s> and <s> and <pad> text", "<0x41> looks like a byte piece"]
+
+
+def test_auto_tokenizer_encodes_and_decodes_as_megamu(exported, tiny_tokenizer):
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(exported["llama_tp2"])
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (1, 2, 3)
+    for text in TRICKY_TEXTS:
+        ids = tiny_tokenizer.encode(text)
+        assert hf.encode(text) == ids, text
+        assert hf.decode(ids) == tiny_tokenizer.decode(ids) == text
+    byte_fallback = tiny_tokenizer.encode("🤖")
+    assert all(tiny_tokenizer.id_to_piece(i).startswith("<0x") for i in byte_fallback)  # really outside the vocab
+
+
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_a_run_without_a_complete_checkpoint_is_one_error_line(tmp_path, tiny_tokenizer, capsys):
+    save_config(tiny_cfg(tiny_tokenizer.model_path), str(tmp_path / "config.yaml"))
+    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "latest_complete not found" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_with_qk_norm_is_refused_naming_why(tmp_path, tiny_tokenizer, capsys):
+    cfg = tiny_cfg(tiny_tokenizer.model_path, "model.arch=gpt2", "model.qk_norm=true")
+    save_run(cfg, build_model(cfg), str(tmp_path / "run"))
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "out")]) == 2
+    assert "GPT2LMHeadModel has no per-head q/k LayerNorm" in error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_transformers_says_how_to_install_it(monkeypatch, runs, tmp_path, capsys):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))
+    assert export_main([runs["gpt2"][1], str(tmp_path / "out")]) == 2
+    assert "pip install 'megamu[export]'" in error_line(capsys)
+
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_decoding_gives_the_full_forwards_logits(variant, runs):
+    model = runs[variant][0]
+    ids = sample_tokens()[:, :20]
+    cache = KVCache()
+    pieces = [forward_cached(model, ids[:, :7], cache), forward_cached(model, ids[:, 7:10], cache)]
+    pieces += [forward_cached(model, ids[:, i:i + 1], cache) for i in range(10, 20)]
+    assert cache.length == 20
+    with torch.no_grad():
+        want = model(ids)[..., :512]
+    assert (torch.cat(pieces, dim=1) - want).abs().max().item() < 1e-5
+
+
+def hf_greedy(out_dir: str, prompt: list[int], max_new_tokens: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_generation_equals_transformers_generate_on_the_export(variant, runs, exported):
+    prompt = sample_tokens()[0, :9].tolist()
+    got = generate(runs[variant][0], prompt, Sampling(max_new_tokens=16, temperature=0), eos_id=2)
+    assert got == hf_greedy(exported[variant], prompt, 16)
+
+
+def test_megamu_generate_prints_the_greedy_continuation(runs, exported, tiny_tokenizer, capsys):
+    prompt = "The quick brown fox"
+    assert generate_main([runs["llama_qk_norm"][1], "--prompt", prompt, "--temperature", "0",
+                          "--max-new-tokens", "8"]) == 0
+    want = hf_greedy(exported["llama_qk_norm"], tiny_tokenizer.encode(prompt), 8)
+    assert capsys.readouterr().out == prompt + tiny_tokenizer.decode(want) + "\n"
+
+
+def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(runs):
+    model = runs["gpt2"][0]
+    prompt = sample_tokens()[0, :5].tolist()
+
+    def sample(**kwargs) -> list[int]:
+        return generate(model, prompt, Sampling(max_new_tokens=10, **kwargs), eos_id=None)
+
+    assert sample(seed=1) == sample(seed=1) != sample(seed=2)
+    assert sample(seed=3, top_p=1e-6) == sample(temperature=0)  # a nucleus of one token is greedy
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0]).log_softmax(-1)  # probabilities ≈ .61 .22 .14 .03
+    assert torch.isfinite(top_p_filter(logits, 0.8)).tolist() == [True, True, False, False]
+    assert torch.isfinite(top_p_filter(logits, 0.85)).tolist() == [True, True, True, False]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "--temperature must be ≥ 0"),
+    (["--top-p", "0"], r"--top-p must be in \(0, 1\]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_bad_sampling_flags_are_one_error_line(flags, message, runs, capsys):
+    assert generate_main([runs["gpt2"][1], "--prompt", "hi", *flags]) == 2
+    assert re.search(message, error_line(capsys))
