@@ -119,10 +119,11 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = self._tables(self.cos.device)  # wherever fn moved them, in fp32 again
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T ≤ max_seq_len, heads, head_dim] → same shape, rotated by position."""
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """x: [B, T, heads, head_dim] at positions offset .. offset+T-1 (≤ max_seq_len) → same shape, rotated by
+        position (`offset`: the tokens already decoded, when generating with a KV cache)."""
         seq_len = x.shape[1]
-        cos, sin = self.cos[:seq_len, None, :], self.sin[:seq_len, None, :]
+        cos, sin = self.cos[offset:offset + seq_len, None, :], self.sin[offset:offset + seq_len, None, :]
         x32 = x.float()
         even, odd = x32[..., 0::2], x32[..., 1::2]
         rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
