@@ -5,6 +5,8 @@ the stated tolerance); AutoTokenizer encodes and decodes as megamu's SentencePie
 without a complete checkpoint, an unexportable model or a missing transformers is one `error:` line."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 
@@ -13,8 +15,10 @@ import torch
 
 from megamu.checkpoint import tag_for, write_pointer
 from megamu.cli.export_hf import main as export_main
+from megamu.cli.evaluate import main as eval_main
 from megamu.cli.generate import main as generate_main
 from megamu.config import Config, load_config, save_config
+from megamu.data.indexed import IndexedDatasetWriter
 from megamu.export.decode import KVCache, forward_cached
 from megamu.export.sampling import Sampling, generate, top_p_filter
 from megamu.model import build_model, parameter_layout
@@ -249,3 +253,48 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(runs):
 def test_bad_sampling_flags_are_one_error_line(flags, message, runs, capsys):
     assert generate_main([runs["gpt2"][1], "--prompt", "hi", *flags]) == 2
     assert re.search(message, error_line(capsys))
+
+
+BPB_TEXTS = ["short one", "A longer document with  double spaces,\\nnewlines and ünïcödé bytes 🤖. " * 2, "x",
+             "tail text"]
+
+
+@pytest.fixture(scope="module")
+def validation_run(runs, tiny_tokenizer, tmp_path_factory) -> tuple[torch.nn.Module, str]:
+    """The QK-norm run with data whose split puts BPB_TEXTS (one longer than seq_len) in the validation range."""
+    root = tmp_path_factory.mktemp("bpb")
+    prefix = str(root / "val_text_document")
+    with IndexedDatasetWriter(prefix, "uint16") as writer:
+        for text in ["a training document"] + BPB_TEXTS:
+            writer.add_document(tiny_tokenizer.encode(text) + [tiny_tokenizer.eod_id])
+    model = runs["llama_qk_norm"][0]
+    cfg = tiny_cfg(tiny_tokenizer.model_path, *VARIANTS["llama_qk_norm"], f"data.path={prefix}", "data.split=1,4,0")
+    save_run(cfg, model, str(root / "run"))
+    return model, str(root / "run")
+
+
+def brute_force_bits(model: torch.nn.Module, document: list[int], seq_len: int) -> float:
+    """Each token scored by its own forward pass, with the context of its window (windows of seq_len predictions)."""
+    stream, bits = [2] + document, 0.0
+    for j in range(len(document)):
+        context = stream[(j // seq_len) * seq_len:j + 1]
+        with torch.no_grad():
+            logits = model(torch.tensor([context]))[0, -1, :512]
+        bits -= logits.log_softmax(-1)[document[j]].item() / math.log(2)
+    return bits
+
+
+def test_exact_bits_per_byte_scores_every_validation_document_over_its_own_bytes(validation_run, tiny_tokenizer,
+                                                                                 tmp_path, capsys):
+    model, run_dir = validation_run
+    json_path = str(tmp_path / "eval.json")
+    assert eval_main([run_dir, "--batch-size", "3", "--json", json_path]) == 0
+    got = json.load(open(json_path))
+    documents = [tiny_tokenizer.encode(text) + [2] for text in BPB_TEXTS]
+    assert max(map(len, documents)) > 2 * 32  # one document needs three windows
+    bits = sum(brute_force_bits(model, document, 32) for document in documents)
+    want_bytes = sum(len(text.encode("utf-8")) for text in BPB_TEXTS)
+    assert (got["documents"], got["tokens"], got["bytes"]) == (4, sum(map(len, documents)), want_bytes)
+    assert got["val_bpb"] == pytest.approx(bits / want_bytes, rel=1e-5)
+    assert got["val_loss"] == pytest.approx(bits * math.log(2) / got["tokens"], rel=1e-5)
+    assert f"{got['val_bpb']:.4f} bits/byte" in capsys.readouterr().out
