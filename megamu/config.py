@@ -96,6 +96,8 @@ class TrainConfig:
     eval_interval: int = 0  # 0 = only at the end
     eval_iters: int = 4
     resume: bool = False
+    # start from this full TP=1 state dict (.pt from megamu-merge or megamu-import-hf) instead of μP's init
+    init_from: Optional[str] = None
     max_bad_steps: int = 5  # consecutive non-finite steps before stopping with a checkpoint
     # after SIGTERM: seconds to finish the step and save before exiting without them (0 = no limit); keep it
     # below the scheduler's kill wait (SLURM KillWait, 30 s by default)

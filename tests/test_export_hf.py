@@ -13,15 +13,20 @@ import re
 import pytest
 import torch
 
-from megamu.checkpoint import tag_for, write_pointer
+from dist import run_train
+from megamu.checkpoint import merge_run_checkpoint, tag_for, write_pointer
 from megamu.cli.export_hf import main as export_main
 from megamu.cli.evaluate import main as eval_main
 from megamu.cli.generate import main as generate_main
+from megamu.cli.import_hf import main as import_main
 from megamu.config import Config, load_config, save_config
 from megamu.data.indexed import IndexedDatasetWriter
+from megamu.errors import MegamuWarning
 from megamu.export.decode import KVCache, forward_cached
+from megamu.export.importer import import_hf
 from megamu.export.sampling import Sampling, generate, top_p_filter
 from megamu.model import build_model, parameter_layout
+from test_train_e2e import write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -298,3 +303,60 @@ def test_exact_bits_per_byte_scores_every_validation_document_over_its_own_bytes
     assert got["val_bpb"] == pytest.approx(bits / want_bytes, rel=1e-5)
     assert got["val_loss"] == pytest.approx(bits * math.log(2) / got["tokens"], rel=1e-5)
     assert f"{got['val_bpb']:.4f} bits/byte" in capsys.readouterr().out
+
+
+def import_logits_gap(hf_dir: str) -> float:
+    """Max |logit difference| between the transformers model in hf_dir and megamu's import of it."""
+    from transformers import AutoModelForCausalLM
+
+    cfg, state = import_hf(hf_dir, load_config(None, ["model.seq_len=32"]))
+    model = build_model(cfg)
+    model.load_state_dict(state)
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(hf_dir).eval()(sample_tokens()).logits
+        got = model.eval()(sample_tokens())[..., :want.shape[-1]]
+    return (got - want).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", ["llama_tp2", "llama_qk_norm"])
+def test_imported_logits_equal_the_transformers_models(variant, exported):
+    with pytest.warns(MegamuWarning, match="no μP base width"):
+        assert import_logits_gap(exported[variant]) < FP32_TOL
+
+
+def test_a_tied_llama_imports_with_its_embedding_as_readout(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path))
+    assert import_logits_gap(str(tmp_path)) < FP32_TOL
+
+
+def test_a_model_megamu_cannot_compute_is_refused_naming_why(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, attention_bias=True, hidden_act="gelu")
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "hf"))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert import_main([str(tmp_path / "hf"), "--config", "tiny", "--out", str(tmp_path / "run")]) == 2
+    assert re.search(r"cannot be imported exactly: it has hidden_act 'gelu' .*; attention or MLP biases",
+                     error_line(capsys))
+
+
+def test_an_import_continues_pretraining_at_tp2(exported, tiny_tokenizer, tiny_dataset_prefix, tmp_path):
+    """megamu-import-hf, then a real TP=2 run from its config: the run starts from the imported weights (one
+    step at a negligible LR leaves them in its checkpoint)."""
+    config = write_config(str(tmp_path / "tiny.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix, "unused")
+    run_dir = str(tmp_path / "imported")
+    assert import_main([exported["llama_tp2"], "--config", config, "--out", run_dir]) == 0
+    result = run_train(["--config", os.path.join(run_dir, "config.yaml"), "parallel.tensor=2", "train.max_steps=1",
+                        "train.lr=1e-9", "train.warmup_steps=0", "train.eval_interval=0"], 2)
+    assert result.ok, result.describe()
+    imported = torch.load(os.path.join(run_dir, "imported.pt"))
+    trained = merge_run_checkpoint(run_dir)
+    assert trained.keys() == imported.keys()
+    for name, tensor in imported.items():
+        assert torch.allclose(trained[name], tensor, atol=1e-6), name

@@ -84,7 +84,7 @@ def merge_run_checkpoint(run_dir: str, tag: Optional[str] = None, target_tp: int
     target_rows = cfg.padded_vocab_size()
     for name, (_dim, role) in layout.items():
         if role in VOCAB_ROLES:
-            merged[name] = _resize_vocab_rows(merged[name], target_rows)
+            merged[name] = resize_vocab_rows(merged[name], target_rows)
     return merged
 
 
@@ -95,7 +95,7 @@ def _pipeline_shards(checkpoint_dir: str, tag: str) -> list[dict[str, torch.Tens
             for layers in load_pipeline_layers(checkpoint_dir, tag)]
 
 
-def _resize_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
+def resize_vocab_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """Drop or add padding rows (all past the true vocabulary) so the vocabulary dim has `rows` rows."""
     if rows <= weight.size(0):
         return weight[:rows].clone()

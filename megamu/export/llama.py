@@ -49,26 +49,34 @@ def _per_head_rows(weight: torch.Tensor, head_dim: int, order: torch.Tensor) -> 
     return heads[:, order].reshape(weight.shape).contiguous()
 
 
+def name_pairs(cfg: Config) -> list[tuple[str, str, bool]]:
+    """(megamu name, transformers name, whether its rows are per-head RoPE dims) of every weight."""
+    pairs = [(embedding_name(), "model.embed_tokens.weight", False),
+             (logical_name(cfg.model.n_layers + 1, "weight"), "model.norm.weight", False),
+             (readout_name(cfg), "lm_head.weight", False)]
+    per_layer = [("attn_norm.weight", "input_layernorm.weight", False),
+                 ("mlp_norm.weight", "post_attention_layernorm.weight", False),
+                 ("attn.q.weight", "self_attn.q_proj.weight", True), ("attn.k.weight", "self_attn.k_proj.weight", True),
+                 ("attn.v.weight", "self_attn.v_proj.weight", False), ("attn.o.weight", "self_attn.o_proj.weight", False),
+                 ("mlp.gate.weight", "mlp.gate_proj.weight", False), ("mlp.up.weight", "mlp.up_proj.weight", False),
+                 ("mlp.down.weight", "mlp.down_proj.weight", False)]
+    if cfg.model.qk_norm:
+        per_layer += [("attn.q_norm.weight", "self_attn.q_norm.weight", True),
+                      ("attn.k_norm.weight", "self_attn.k_norm.weight", True)]
+    for layer in range(cfg.model.n_layers):
+        pairs += [(logical_name(layer + 1, mine), f"model.layers.{layer}.{hf}", rope) for mine, hf, rope in per_layer]
+    return pairs
+
+
 def hf_state(cfg: Config, plain: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """transformers' state dict from megamu's μP-folded one (fold.fold_mup)."""
     order = half_rotation_order(cfg.head_dim)
-    state = {"model.embed_tokens.weight": plain[embedding_name()],
-             "model.norm.weight": plain[logical_name(cfg.model.n_layers + 1, "weight")],
-             "lm_head.weight": plain[readout_name(cfg)]}
-    for layer in range(cfg.model.n_layers):
-        def mine(name: str) -> torch.Tensor:
-            return plain[logical_name(layer + 1, name)]
+    return {hf: _per_head_rows(plain[mine], cfg.head_dim, order) if rope else plain[mine]
+            for mine, hf, rope in name_pairs(cfg)}
 
-        hf = f"model.layers.{layer}."
-        state[hf + "input_layernorm.weight"] = mine("attn_norm.weight")
-        state[hf + "post_attention_layernorm.weight"] = mine("mlp_norm.weight")
-        state[hf + "self_attn.q_proj.weight"] = _per_head_rows(mine("attn.q.weight"), cfg.head_dim, order)
-        state[hf + "self_attn.k_proj.weight"] = _per_head_rows(mine("attn.k.weight"), cfg.head_dim, order)
-        state[hf + "self_attn.v_proj.weight"] = mine("attn.v.weight")
-        state[hf + "self_attn.o_proj.weight"] = mine("attn.o.weight")
-        if cfg.model.qk_norm:
-            state[hf + "self_attn.q_norm.weight"] = mine("attn.q_norm.weight")[order]
-            state[hf + "self_attn.k_norm.weight"] = mine("attn.k_norm.weight")[order]
-        for megamu_name, hf_name in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
-            state[hf + f"mlp.{hf_name}.weight"] = mine(f"mlp.{megamu_name}.weight")
-    return state
+
+def megamu_state(cfg: Config, hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """megamu's state dict (SP, true vocabulary) from transformers' Llama or Qwen3 one: hf_state's inverse."""
+    inverse = torch.argsort(half_rotation_order(cfg.head_dim))
+    return {mine: _per_head_rows(hf[name], cfg.head_dim, inverse) if rope else hf[name].clone()
+            for mine, name, rope in name_pairs(cfg)}

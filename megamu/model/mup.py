@@ -151,7 +151,7 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def _whole(param: nn.Parameter) -> ContextManager:
+def whole_parameter(param: nn.Parameter) -> ContextManager:
     """A context in which `param` holds its whole (TP-local) tensor and in-place writes to it stick.
 
     A parameter built under ZeRO 3's `deepspeed.zero.Init` keeps only this rank's 1/DP slice: it is gathered
@@ -168,7 +168,7 @@ def _whole(param: nn.Parameter) -> ContextManager:
 def init_parameter(param: nn.Parameter, module: nn.Module, name: str, cfg: Config) -> None:
     """Initialise one parameter from its role; `name` (its qualified name) seeds the generator."""
     role = role_of(param, name)
-    with _whole(param):
+    with whole_parameter(param):
         if role in (Role.NORM, Role.BIAS):
             param.fill_(1.0 if role is Role.NORM else 0.0)
             return

@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from megamu.checkpoint.initial import load_initial_weights, read_initial_weights
 from megamu.config import Config, ConfigError
 from megamu.model.fp8 import use_fp8_matmuls
 from megamu.model.transformer import compile_blocks
@@ -26,7 +27,8 @@ def innermost_optimizer(ds_optimizer: Any) -> torch.optim.Optimizer:
 def _build_model(cfg: Config, ds_config: dict, state: ParallelState) -> torch.nn.Module:
     """This rank's model on its device, before the optimizer is built on it (its state, and fused AdamW's
     kernels, then live there). Under ZeRO 3 every parameter is partitioned over data parallelism as soon as
-    its module exists (μP init gathers one parameter at a time), so no rank ever holds the whole model."""
+    its module exists (μP init gathers one parameter at a time), so no rank ever holds the whole model. With
+    train.init_from the weights then come from that file instead (checkpoint/initial.py)."""
     import deepspeed
     from megamu.model import build_model
     from megamu.runtime import device
@@ -34,11 +36,15 @@ def _build_model(cfg: Config, ds_config: dict, state: ParallelState) -> torch.nn
 
     tp_group = state.get_tensor_model_parallel_group()
     if zero_stage(ds_config) != 3:
-        return build_model(cfg, tp_group).to(device())
-    # zero.Init also places the partitions (on the device, or where offload_param says).
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=state,
-                             data_parallel_group=state.get_data_parallel_group()):
-        return build_model(cfg, tp_group)
+        model = build_model(cfg, tp_group)
+    else:
+        # zero.Init also places the partitions (on the device, or where offload_param says).
+        with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=state,
+                                 data_parallel_group=state.get_data_parallel_group()):
+            model = build_model(cfg, tp_group)
+    if cfg.train.init_from:
+        load_initial_weights(model, read_initial_weights(cfg), cfg.train.init_from)
+    return model if zero_stage(ds_config) == 3 else model.to(device())
 
 
 def use_fast_kernels(model: torch.nn.Module, cfg: Config) -> None:

@@ -19,6 +19,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from megamu.checkpoint.initial import load_initial_weights, read_initial_weights
 from megamu.config import Config
 from megamu.model import mup
 from megamu.model.transformer import (LOGICAL_PREFIX, check_buildable, layer_builders, logical_name,
@@ -46,8 +47,11 @@ class TransformerPipe(PipelineModule):
         self.vocab_size = cfg.model.vocab_size
         specs = [_BuiltBy(typename, build) for typename, build in layer_builders(cfg, tp_group, pipeline=True)]
         super().__init__(layers=specs, topology=topology, loss_fn=self._loss)
+        initial = read_initial_weights(cfg) if cfg.train.init_from else None
         for index, layer in zip(range(self._local_start, self._local_stop), self.forward_funcs):
             mup.init_weights(layer, cfg, prefix=f"{LOGICAL_PREFIX}.{index}")
+            if initial is not None:
+                load_initial_weights(layer, initial, cfg.train.init_from, prefix=f"{LOGICAL_PREFIX}.{index}")
         register_partial_grad_allreduce(self, tp_group)
 
     def _partition_layers(self, method: str = "parameters") -> None:
