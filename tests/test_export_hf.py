@@ -1,8 +1,14 @@
-"""Hugging Face export (megamu-export-hf): for a trained tiny μP model of each architecture (llama saved as
-TP=2 shards, llama + QK-norm, gpt2 with grouped-query heads), the exported directory loads through
-AutoModelForCausalLM with the standard class and its logits equal megamu's (fp32: 1e-4 max abs; bf16:
-the stated tolerance); AutoTokenizer encodes and decodes as megamu's SentencePiece model; and a run
-without a complete checkpoint, an unexportable model or a missing transformers is one `error:` line."""
+"""Hugging Face export, generation, evaluation and import (issue 14).
+
+Export (megamu-export-hf): for a trained tiny μP model of each architecture (llama saved as TP=2 shards,
+llama + QK-norm, gpt2 with grouped-query heads) the exported directory loads through AutoModelForCausalLM
+with the standard class and its logits equal megamu's (fp32: 1e-4 max abs; bf16: the stated tolerance);
+AutoTokenizer encodes and decodes as megamu's SentencePiece model; a run without a complete checkpoint, an
+unexportable model or layout, or a missing transformers is one `error:` line. Generation: KV-cache logits
+equal the full forward's, greedy tokens equal transformers' generate on the export, sampling is seeded.
+megamu-eval: exact bits per byte against per-token forward passes. Import (megamu-import-hf): the imported
+model's logits equal transformers', and a real TP=2 run starts from the imported weights. (ZeRO 3 export:
+tests/test_zero3.py, which has the runs.)"""
 from __future__ import annotations
 
 import json
@@ -179,6 +185,16 @@ def test_a_run_without_a_complete_checkpoint_is_one_error_line(tmp_path, tiny_to
     assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
     assert "latest_complete not found" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_zero3_checkpoint_under_tensor_parallelism_is_refused_naming_why(tmp_path, tiny_tokenizer, capsys):
+    save_config(tiny_cfg(tiny_tokenizer.model_path, "parallel.tensor=2"), str(tmp_path / "config.yaml"))
+    folder = tmp_path / "checkpoints" / tag_for(STEPS)
+    folder.mkdir(parents=True)
+    (folder / "zero_pp_rank_0_mp_rank_00_model_states.pt").write_bytes(b"")
+    write_pointer(str(tmp_path / "checkpoints"), tag_for(STEPS))
+    assert export_main([str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "is a ZeRO 3 checkpoint with parallel.tensor=2" in error_line(capsys)
 
 
 def test_gpt2_with_qk_norm_is_refused_naming_why(tmp_path, tiny_tokenizer, capsys):
