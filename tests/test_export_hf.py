@@ -376,3 +376,14 @@ def test_an_import_continues_pretraining_at_tp2(exported, tiny_tokenizer, tiny_d
     assert trained.keys() == imported.keys()
     for name, tensor in imported.items():
         assert torch.allclose(trained[name], tensor, atol=1e-6), name
+
+
+def test_a_normalizing_sentencepiece_model_is_refused(runs, tmp_path, capsys):
+    import sentencepiece as spm
+
+    prefix = str(tmp_path / "nfkc")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(BPB_TEXTS * 20), model_prefix=prefix, vocab_size=60,
+                                   model_type="bpe", minloglevel=2)  # SentencePiece's defaults: NFKC, collapsed spaces
+    assert export_main([runs["gpt2"][1], str(tmp_path / "out"), "--tokenizer-model", prefix + ".model"]) == 2
+    assert "normalizes text (nmt_nfkc); collapses runs of spaces" in error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from types import ModuleType
 from typing import Optional
 
@@ -93,7 +92,6 @@ def export_run(run_dir: str, out_dir: str, tag: Optional[str] = None, dtype: str
     tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
     if not tokenizer_model:
         raise ConfigError(f"{run_dir}/config.yaml names no data.tokenizer_model; pass --tokenizer-model M.model")
-    os.makedirs(out_dir, exist_ok=True)
     tokenizer = export_tokenizer(tokenizer_model, out_dir, cfg.model.seq_len)
     model = hf_model(cfg, state, tokenizer, dtype)
     model.generation_config.update(**special_ids(tokenizer))
