@@ -71,8 +71,10 @@ def window_bits(model: Transformer, pairs: list[tuple[np.ndarray, np.ndarray]]) 
     labels = torch.full((len(pairs), length), IGNORE_INDEX, dtype=torch.long)
     for row, (x, y) in enumerate(pairs):
         inputs[row, :len(x)], labels[row, :len(y)] = torch.from_numpy(x), torch.from_numpy(y)
-    logits = model(inputs)[..., :model.vocab_size].float()
-    nats = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    where = next(model.parameters()).device
+    logits = model(inputs.to(where))[..., :model.vocab_size].float()
+    nats = F.cross_entropy(logits.flatten(0, 1), labels.to(where).flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
     return nats.item() / math.log(2)
 
 

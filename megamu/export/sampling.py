@@ -57,13 +57,14 @@ def generate(model: Transformer, prompt: list[int], sampling: Sampling, eos_id: 
     if len(prompt) >= model.seq_len:
         raise ConfigError(f"the prompt is {len(prompt)} tokens and model.seq_len is {model.seq_len}: nothing fits "
                           f"after it; shorten the prompt")
-    generator = torch.Generator().manual_seed(sampling.seed)
+    where = next(model.parameters()).device
+    generator = torch.Generator(device=where).manual_seed(sampling.seed)
     cache = KVCache()
-    logits = forward_cached(model, torch.tensor([prompt]), cache)[0, -1]
+    logits = forward_cached(model, torch.tensor([prompt], device=where), cache)[0, -1]
     new: list[int] = []
     while True:
         token = next_token(logits, sampling, generator)
         new.append(token)
         if token == eos_id or len(new) == sampling.max_new_tokens or cache.length == model.seq_len:
             return new
-        logits = forward_cached(model, torch.tensor([[token]]), cache)[0, -1]
+        logits = forward_cached(model, torch.tensor([[token]], device=where), cache)[0, -1]

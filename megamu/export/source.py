@@ -18,6 +18,7 @@ from megamu.config import Config
 from megamu.errors import CheckpointError
 from megamu.model import build_model
 from megamu.model.transformer import Transformer
+from megamu.runtime import device
 
 _ZERO3_FILES = "zero_pp_rank_*_mp_rank_*_model_states.pt"
 _MODEL_FILES = "mp_rank_*_model_states.pt"
@@ -59,13 +60,13 @@ def load_run_weights(run_dir: str, tag: Optional[str] = None) -> tuple[Config, d
 
 
 def load_run_model(run_dir: str, tag: Optional[str] = None) -> tuple[Config, Transformer, str]:
-    """(config, megamu's single-process model holding the checkpoint's weights in eval mode, tag), for inference:
-    no activation checkpointing, no compilation."""
+    """(config, megamu's single-process model holding the checkpoint's weights in eval mode on this machine's
+    device (megamu.runtime), tag), for inference: no activation checkpointing, no compilation."""
     cfg, state, tag = load_run_weights(run_dir, tag)
     cfg.train.activation_checkpointing, cfg.train.compile = "none", False
     model = build_model(cfg)
     model.load_state_dict(state)
-    return cfg, model.eval(), tag
+    return cfg, model.to(device()).eval(), tag
 
 
 def _zero3_state(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
