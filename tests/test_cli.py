@@ -74,15 +74,24 @@ def test_a_user_error_is_one_line_and_exit_code_2(runs, name):
         assert f"shipped: {', '.join(SHIPPED)}" in line
 
 
-@pytest.mark.parametrize("problem", ["corrupt stats", "empty split"])
+@pytest.mark.parametrize("problem", ["corrupt stats", "empty split", "truncated bin", "bad magic"])
 def test_train_reports_a_data_problem_as_one_error_line(problem, tmp_path, tiny_tokenizer, tiny_dataset_prefix):
-    """Data that passes the config checks but not training's: exit 2, one `error:` line naming it, no traceback."""
+    """Data that passes the config checks but not training's: exit 2, one `error:` line naming it and the fix,
+    no traceback."""
     prefix = str(tmp_path / "copy_text_document")
     for suffix in (".bin", ".idx"):
         shutil.copy(tiny_dataset_prefix + suffix, prefix + suffix)
     overrides, named = [], "copy_text_document.stats.json"
     if problem == "corrupt stats":
         (tmp_path / "copy_text_document.stats.json").write_text('{"tokens": 12')  # cut short
+    elif problem == "truncated bin":
+        with open(prefix + ".bin", "r+b") as handle:
+            handle.truncate(os.path.getsize(prefix + ".bin") - 2)
+        named = "copy_text_document.bin: "
+    elif problem == "bad magic":
+        with open(prefix + ".idx", "r+b") as handle:
+            handle.write(b"NOTANIDX")
+        named = "copy_text_document.idx: bad magic"
     else:
         overrides, named = ["data.split=0,1,0"], "'train' split no documents of"
     proc = subprocess.run([script("megamu-train"), "--config", "tiny", *SMALL, f"data.path={prefix}",
@@ -94,6 +103,8 @@ def test_train_reports_a_data_problem_as_one_error_line(problem, tmp_path, tiny_
     assert "Traceback" not in proc.stderr
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert named in line
+    if problem in ("truncated bin", "bad magic"):
+        assert "megamu-preprocess" in line  # the fix
 
 
 @pytest.mark.parametrize("tool", sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))))

@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from dist import run_script
+from dist import run_script, run_train
 from megamu.training.guards import BadStepCounter
 from megamu.training.step import NonFiniteStepGate
-from test_train_e2e import read_records, write_config
+from test_train_e2e import MAX_STEPS, read_records, write_config
 
 # Forward calls (= steps here: one micro batch per step, no evaluation) whose loss becomes NaN.
 INJECT_NAN = """
@@ -57,6 +57,14 @@ def test_nan_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_tokenizer
                                                                    "global_step5_diverged"]
     assert output.count("checkpoint postponed while steps are non-finite") == 2
     assert "saved as global_step5_diverged" in output and "continues from checkpoint global_step3" in output
+    # The advised resume (the poison gone) continues from step 3, not from the diverged weights.
+    resumed = run_train(["--config", config, "train.micro_batch_size=8", "train.eval_iters=0", "train.resume=true",
+                         "--deepspeed_config", "ds_configs/zero0.json"])
+    assert resumed.returncodes == [0], resumed.describe()
+    assert "resumed from global_step3" in resumed.ranks[0].output
+    continued = read_records(str(tmp_path / "run"), "train")[5:]  # after the diverged run's five records
+    assert [r["step"] for r in continued] == list(range(4, MAX_STEPS + 1))
+    assert all(math.isfinite(r["loss"]) and r["skipped_steps"] == 1 for r in continued)  # step 3's count
 
 
 # The same steps, but the loss stays finite and one weight's gradient becomes NaN in backward.

@@ -59,7 +59,8 @@ def _agreed_tag(ckpt_dir: str) -> Optional[str]:
     """The pointer's tag, once every rank has read the same one.
 
     Ranks on nodes that do not share the checkpoint directory read different pointers (or none); loading
-    anyway would mix checkpoints or hang in DeepSpeed's collectives, so every rank raises instead.
+    anyway would mix checkpoints or hang in DeepSpeed's collectives, so every rank raises instead (a rank
+    whose view differs from rank 0's names its own).
     """
     tag = read_pointer(ckpt_dir)
     if not dist.is_initialized():
@@ -78,9 +79,10 @@ def _agreed_tag(ckpt_dir: str) -> Optional[str]:
     else:
         hosts = sorted({views[r][1] for r in differing})
         what = f"rank(s) {differing} on {', '.join(hosts)} read another {path} than rank 0 ({_shown(first_tag)})"
-    raise CheckpointError(f"{what}: the checkpoint directory must be on storage every node shares (a network or "
-                          f"parallel file system mounted at the same path on every node); set train.out_dir to "
-                          f"such a path")
+    # A rank whose view differs says what it sees itself (its node's first rank may see rank 0's pointer).
+    error = RankCheckpointError if rank in differing else CheckpointError
+    raise error(f"{what}: the checkpoint directory must be on storage every node shares (a network or "
+                f"parallel file system mounted at the same path on every node); set train.out_dir to such a path")
 
 
 def save_checkpoint(engine: Any, ckpt_dir: str, step: int, client_state: dict[str, Any], cfg: Config, *,

@@ -34,6 +34,7 @@ from megamu.fileio import NEW_FILE_MODE, atomic_replace, lock_temporary, remove_
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
+REBUILD = "re-run megamu-preprocess to rebuild the .bin/.idx pair"  # the fix for a damaged pair
 _HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, doc-index length
 
 DTYPE_CODES: dict[int, np.dtype] = {
@@ -277,16 +278,18 @@ class IndexedDataset:
                             f"(truncated?); re-run megamu-preprocess")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC:
-            raise DataError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an MMIDIDX index file")
+            raise DataError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an MMIDIDX index file; point "
+                            f"data.path at the output of megamu-preprocess (or Megatron's preprocess_data.py)")
         if version != VERSION:
-            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported")
+            raise DataError(f"{idx_path}: index version {version}, only version {VERSION} is supported; {REBUILD}")
         if code not in DTYPE_CODES:
             raise DataError(f"{idx_path}: unknown dtype code {code}; valid codes are {sorted(DTYPE_CODES)}")
         self.dtype = DTYPE_CODES[code]
         expected = _HEADER.size + 12 * n_seq + 8 * n_doc_idx
         if len(buf) != expected:
             raise DataError(f"{idx_path}: {len(buf)} bytes, but its header ({n_seq} sequences, {n_doc_idx} "
-                            f"document-index entries) implies {expected}; the file is truncated or corrupt")
+                            f"document-index entries) implies {expected}; the file is truncated or corrupt; "
+                            f"{REBUILD}")
         offset = _HEADER.size
         self.sizes = np.frombuffer(buf, dtype="<i4", count=n_seq, offset=offset)
         offset += 4 * n_seq
@@ -303,7 +306,8 @@ class IndexedDataset:
         itemsize = self.dtype.itemsize
         if n_seq:
             if self.sizes.min() < 0:
-                raise DataError(f"{idx_path}: negative sequence length at {int(np.argmin(self.sizes))}; corrupt index")
+                raise DataError(f"{idx_path}: negative sequence length at {int(np.argmin(self.sizes))}; corrupt index; "
+                                f"{REBUILD}")
             expected = np.zeros(n_seq, dtype=np.int64)
             np.cumsum(self.sizes[:-1], dtype=np.int64, out=expected[1:])
             expected *= itemsize
@@ -311,19 +315,20 @@ class IndexedDataset:
             if bad.size:
                 i = int(bad[0])
                 raise DataError(f"{idx_path}: sequence {i} points at byte {int(self.pointers[i])}, but the lengths "
-                                f"before it put it at {int(expected[i])}; corrupt index")
+                                f"before it put it at {int(expected[i])}; corrupt index; {REBUILD}")
         data_bytes = int(self.sizes.sum(dtype=np.int64)) * itemsize
         if data_bytes != bin_size:
             raise DataError(f"{bin_path}: {bin_size} bytes, but {idx_path} describes {data_bytes} "
-                            f"({self.sizes.size} sequences of {self.dtype}); the pair is truncated or mismatched")
+                            f"({self.sizes.size} sequences of {self.dtype}); the pair is truncated or mismatched; "
+                            f"{REBUILD}")
         d = self.doc_idx
         if d.size == 0 or d[0] != 0 or d[-1] != n_seq:
             first = int(d[0]) if d.size else None
             last = int(d[-1]) if d.size else None
             raise DataError(f"{idx_path}: document index must start at 0 and end at the sequence count {n_seq}, "
-                            f"got first={first}, last={last}; corrupt index")
+                            f"got first={first}, last={last}; corrupt index; {REBUILD}")
         if d.size > 1 and np.any(np.diff(d) < 0):
-            raise DataError(f"{idx_path}: document index is not monotone; corrupt index")
+            raise DataError(f"{idx_path}: document index is not monotone; corrupt index; {REBUILD}")
 
     # ---- access ---------------------------------------------------------------------------
     def __len__(self) -> int:
