@@ -2,7 +2,8 @@
 complete checkpoint's file list to fall back from a damaged one (manifest.py),
 DeepSpeed's universal checkpoint for a change of data-parallel size under ZeRO 1/2 (universal.py), the
 saved layout (layout.py), per-rank RNG state (rng.py), DeepSpeed's file layout and shard discovery
-(files.py), merging TP shards, or a run directory's checkpoint, into one state dict (merge.py), and what a
+(files.py), merging TP shards, or a run directory's checkpoint, into one state dict (merge.py), starting a
+run from such a state dict at any layout (initial.py, train.init_from), and what a
 resume may change of the saved config and data position (compat.py)."""
 from megamu.checkpoint.compat import (DataPosition, ResumeChanges, check_loaded_position, check_resume,
                                       save_data_position)
