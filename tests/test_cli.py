@@ -20,7 +20,8 @@ from test_smoke_run import SMALL
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(p)[:-len(".yaml")] for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 SCRIPTS = ["megamu-train", "megamu-preprocess", "megamu-train-tokenizer", "megamu-predict", "megamu-sweep",
-           "megamu-scale", "megamu-coord-check", "megamu-merge", "megamu-demo"]
+           "megamu-scale", "megamu-coord-check", "megamu-merge", "megamu-demo", "megamu-export-hf", "megamu-generate",
+           "megamu-eval", "megamu-import-hf"]
 
 
 def user_error(name: str, tmp: str) -> list[str]:
@@ -37,6 +38,10 @@ def user_error(name: str, tmp: str) -> list[str]:
         "megamu-coord-check": ["--config", "no_such_config", "--json", missing + ".json"],
         "megamu-merge": [missing, "--output", missing + ".pt"],
         "megamu-demo": ["--documents", "many"],
+        "megamu-export-hf": [missing, missing + "_hf"],
+        "megamu-generate": [missing, "--prompt", "hi"],
+        "megamu-eval": [missing],
+        "megamu-import-hf": [missing, "--config", "tiny", "--out", missing + "_run"],
     }[name]
 
 

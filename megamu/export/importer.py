@@ -9,6 +9,7 @@ RoPE scaling (e.g. Llama 3's "llama3" rope type), a head_dim other than hidden/h
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -45,6 +46,9 @@ def import_hf(hf_dir: str, cfg: Config) -> tuple[Config, dict[str, torch.Tensor]
     TP=1 state dict of it (vocabulary padded as build_model(cfg) expects)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ConfigError(f"{os.path.join(hf_dir, 'config.json')} not found: pass a transformers model directory "
+                          f"(save_pretrained's output)")
     config = AutoConfig.from_pretrained(hf_dir)
     if problem := _refusal(hf_dir, config):
         raise ConfigError(problem)
