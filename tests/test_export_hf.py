@@ -1,7 +1,7 @@
 """Hugging Face export, generation, evaluation and import (issue 14).
 
 Export (megamu-export-hf): for a trained tiny μP model of each architecture (llama saved as TP=2 shards,
-llama + QK-norm, gpt2 with grouped-query heads) the exported directory loads through AutoModelForCausalLM
+llama + QK-norm, gpt2 with grouped-query heads saved as PP=2 layer files) the exported directory loads through AutoModelForCausalLM
 with the standard class and its logits equal megamu's (fp32: 1e-4 max abs; bf16: the stated tolerance);
 AutoTokenizer encodes and decodes as megamu's SentencePiece model; a run without a complete checkpoint, an
 unexportable model or layout, or a missing transformers is one `error:` line. Generation: KV-cache logits
@@ -44,9 +44,9 @@ BF16_REL_TOL = 0.02
 VARIANTS = {
     "llama_tp2": ("model.n_kv_heads=2", "parallel.tensor=2"),
     "llama_qk_norm": ("model.n_kv_heads=2", "model.qk_norm=true"),
-    "gpt2": ("model.arch=gpt2", "model.n_kv_heads=2"),
+    "gpt2_pp2": ("model.arch=gpt2", "model.n_kv_heads=2", "parallel.pipeline=2"),
 }
-EXPECTED_CLASS = {"llama_tp2": "LlamaForCausalLM", "llama_qk_norm": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+EXPECTED_CLASS = {"llama_tp2": "LlamaForCausalLM", "llama_qk_norm": "Qwen3ForCausalLM", "gpt2_pp2": "GPT2LMHeadModel"}
 
 
 def tiny_cfg(tokenizer_model: str, *overrides: str) -> Config:
@@ -73,8 +73,10 @@ def train_briefly(cfg: Config) -> torch.nn.Module:
 
 
 def save_run(cfg: Config, model: torch.nn.Module, run_dir: str) -> None:
-    """A run directory as megamu's trainer leaves it: config.yaml, one mp_rank file per TP rank, the pointer."""
-    os.makedirs(os.path.join(run_dir, "checkpoints", tag_for(STEPS)))
+    """A run directory as megamu's trainer leaves it: config.yaml, DeepSpeed's model files of every TP rank
+    (one mp_rank file each, or under PP one file per pipeline layer), the pointer."""
+    folder = os.path.join(run_dir, "checkpoints", tag_for(STEPS))
+    os.makedirs(folder)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
     tp = cfg.parallel.tensor
     layout = parameter_layout(cfg)
@@ -85,8 +87,13 @@ def save_run(cfg: Config, model: torch.nn.Module, run_dir: str) -> None:
             if dim is not None and layout[name][1] in ("embedding", "readout"):
                 tensor = torch.cat([tensor, tensor.new_zeros(cfg.padded_vocab_size() - tensor.size(0), tensor.size(1))])
             shard[name] = tensor if dim is None else tensor.chunk(tp, dim=dim)[rank].clone()
-        torch.save({"module": shard}, os.path.join(run_dir, "checkpoints", tag_for(STEPS),
-                                                   f"mp_rank_{rank:02d}_model_states.pt"))
+        if cfg.parallel.pipeline == 1:
+            torch.save({"module": shard}, os.path.join(folder, f"mp_rank_{rank:02d}_model_states.pt"))
+            continue
+        for layer in range(cfg.model.n_layers + 3):
+            prefix = f"layers.{layer}."
+            own = {name[len(prefix):]: tensor for name, tensor in shard.items() if name.startswith(prefix)}
+            torch.save(own, os.path.join(folder, f"layer_{layer:02d}-model_{rank:02d}-model_states.pt"))
     write_pointer(os.path.join(run_dir, "checkpoints"), tag_for(STEPS))
 
 
@@ -210,7 +217,7 @@ def test_missing_transformers_says_how_to_install_it(monkeypatch, runs, tmp_path
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else find_spec(name, *a))
-    assert export_main([runs["gpt2"][1], str(tmp_path / "out")]) == 2
+    assert export_main([runs["gpt2_pp2"][1], str(tmp_path / "out")]) == 2
     assert "pip install 'megamu[export]'" in error_line(capsys)
 
 
@@ -253,7 +260,7 @@ def test_megamu_generate_prints_the_greedy_continuation(runs, exported, tiny_tok
 
 
 def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(runs):
-    model = runs["gpt2"][0]
+    model = runs["gpt2_pp2"][0]
     prompt = sample_tokens()[0, :5].tolist()
 
     def sample(**kwargs) -> list[int]:
@@ -272,7 +279,7 @@ def test_sampling_is_seeded_and_top_p_keeps_the_nucleus(runs):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
 ])
 def test_bad_sampling_flags_are_one_error_line(flags, message, runs, capsys):
-    assert generate_main([runs["gpt2"][1], "--prompt", "hi", *flags]) == 2
+    assert generate_main([runs["gpt2_pp2"][1], "--prompt", "hi", *flags]) == 2
     assert re.search(message, error_line(capsys))
 
 
@@ -384,6 +391,6 @@ def test_a_normalizing_sentencepiece_model_is_refused(runs, tmp_path, capsys):
     prefix = str(tmp_path / "nfkc")
     spm.SentencePieceTrainer.train(sentence_iterator=iter(BPB_TEXTS * 20), model_prefix=prefix, vocab_size=60,
                                    model_type="bpe", minloglevel=2)  # SentencePiece's defaults: NFKC, collapsed spaces
-    assert export_main([runs["gpt2"][1], str(tmp_path / "out"), "--tokenizer-model", prefix + ".model"]) == 2
+    assert export_main([runs["gpt2_pp2"][1], str(tmp_path / "out"), "--tokenizer-model", prefix + ".model"]) == 2
     assert "normalizes text (nmt_nfkc); collapses runs of spaces" in error_line(capsys)
     assert not (tmp_path / "out").exists()
