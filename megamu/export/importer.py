@@ -23,9 +23,13 @@ from megamu.export.fold import embedding_name, readout_name
 SUPPORTED = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
+def _rope_parameters(config) -> dict:  # type: ignore[no-untyped-def]
+    return getattr(config, "rope_parameters", None) or {}
+
+
 def _refusal(hf_dir: str, config) -> str:  # type: ignore[no-untyped-def]
     """Why megamu cannot compute this transformers model exactly ('' when it can)."""
-    rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    rope = _rope_parameters(config).get("rope_type", "default")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     problems = {
         f"model_type {config.model_type!r} (megamu imports {', '.join(SUPPORTED.values())})":
@@ -56,7 +60,7 @@ def import_hf(hf_dir: str, cfg: Config) -> tuple[Config, dict[str, torch.Tensor]
     m.arch, m.hidden_size, m.n_layers = "llama", config.hidden_size, config.num_hidden_layers
     m.n_heads, m.n_kv_heads = config.num_attention_heads, config.num_key_value_heads
     m.ffn_hidden_size, m.vocab_size, m.norm_eps = config.intermediate_size, config.vocab_size, config.rms_norm_eps
-    m.rope_theta, m.qk_norm = float(config.rope_parameters["rope_theta"]), config.model_type == "qwen3"
+    m.rope_theta, m.qk_norm = float(_rope_parameters(config).get("rope_theta", 10000.0)), config.model_type == "qwen3"
     cfg.mup.enabled = False
     cfg.mup.base_hidden_size = m.hidden_size
     warnings.warn(f"{hf_dir} is imported under SP (mup.enabled=false): a pretrained model has no μP base width, so "
