@@ -63,6 +63,12 @@ def one_line(exc: BaseException) -> str:
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """RUN_DIR and --tag: which checkpoint of which run a tool reads."""
+    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
+    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
+
+
 def int_list(text: str) -> list[int]:
     """argparse type of a comma-separated list of integers (`64,128,256`)."""
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError, DataError
 from megamu.export.bpb import exact_bits_per_byte
@@ -21,8 +21,7 @@ from megamu.fileio import atomic_write
 @console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
-    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--max-documents", type=int, default=None, help="score only the first N documents")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     parser.add_argument("--json", default=None, help="also write the result as JSON here")

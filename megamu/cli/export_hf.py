@@ -10,16 +10,15 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 from megamu.export.hf import DTYPES, export_run
 
 
 @console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
+    add_checkpoint_arguments(parser)
     parser.add_argument("out_dir", help="the model directory to write (created if missing)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
     parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weight dtype (default fp32)")
     parser.add_argument("--tokenizer-model", default=None,
                         help="SentencePiece model to export; default: the run's data.tokenizer_model")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError
 from megamu.export.sampling import Sampling, generate
@@ -20,14 +20,13 @@ from megamu.export.source import load_run_model
 @console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--prompt", required=True, help="the text to continue")
     defaults = Sampling()
     parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="0: greedy (default 1)")
     parser.add_argument("--top-p", type=float, default=defaults.top_p, help="nucleus sampling mass (default 1: off)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed (default 0)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
     parser.add_argument("--tokenizer-model", default=None, help="default: the run's data.tokenizer_model")
     args = parser.parse_args(argv)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)

@@ -12,15 +12,14 @@ from typing import Optional, Sequence
 import torch
 
 from megamu.checkpoint import merge_run_checkpoint, run_config
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 
 
 @console_script
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", help="the run directory (train.out_dir) holding config.yaml and checkpoints/")
+    add_checkpoint_arguments(parser)
     parser.add_argument("--output", required=True, help="where to write the merged state dict (.pt)")
-    parser.add_argument("--tag", default=None, help="checkpoint tag; default: the newest complete checkpoint")
     parser.add_argument("--target-tp", type=int, default=1,
                         help="pad the vocabulary as for this TP size (default 1: a single process)")
     args = parser.parse_args(argv)
