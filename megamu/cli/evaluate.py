@@ -14,7 +14,7 @@ from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError, DataError
 from megamu.export.bpb import exact_bits_per_byte
-from megamu.export.source import load_run_model
+from megamu.export.source import load_run_model, tokenizer_model
 from megamu.fileio import atomic_write
 
 
@@ -29,9 +29,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {args.batch_size}")
     cfg, model, tag = load_run_model(args.run_dir, args.tag)
-    if not cfg.data.tokenizer_model:
-        raise ConfigError(f"{args.run_dir}/config.yaml names no data.tokenizer_model")
-    result = exact_bits_per_byte(model, cfg, Tokenizer(cfg.data.tokenizer_model), args.max_documents,
+    result = exact_bits_per_byte(model, cfg, Tokenizer(tokenizer_model(cfg, args.run_dir)), args.max_documents,
                                  args.batch_size)
     if result.documents == 0:
         raise DataError(f"the validation split (data.split={cfg.data.split!r}) of {args.run_dir}'s data has no "

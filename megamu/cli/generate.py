@@ -12,9 +12,8 @@ from typing import Optional, Sequence
 
 from megamu.cli import ArgumentParser, add_checkpoint_arguments, console_script
 from megamu.data.tokenizer import Tokenizer
-from megamu.errors import ConfigError
 from megamu.export.sampling import Sampling, generate
-from megamu.export.source import load_run_model
+from megamu.export.source import load_run_model, tokenizer_model
 
 
 @console_script
@@ -32,10 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)
     sampling.check()
     cfg, model, _tag = load_run_model(args.run_dir, args.tag)
-    tokenizer_model = args.tokenizer_model or cfg.data.tokenizer_model
-    if not tokenizer_model:
-        raise ConfigError(f"{args.run_dir}/config.yaml names no data.tokenizer_model; pass --tokenizer-model M.model")
-    tokenizer = Tokenizer(tokenizer_model)
+    tokenizer = Tokenizer(tokenizer_model(cfg, args.run_dir, args.tokenizer_model))
     new = generate(model, tokenizer.encode(args.prompt), sampling, tokenizer.eos_id)
     print(args.prompt + tokenizer.decode(new))
     return 0

@@ -20,7 +20,7 @@ from megamu.config import Config, ConfigError
 from megamu.data.tokenizer import Tokenizer
 from megamu.export import gpt2, llama
 from megamu.export.fold import fold_mup
-from megamu.export.source import load_run_weights
+from megamu.export.source import load_run_weights, tokenizer_model as run_tokenizer_model
 from megamu.export.tokenizer import export_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,10 +89,7 @@ def export_run(run_dir: str, out_dir: str, tag: Optional[str] = None, dtype: str
         raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     cfg, state, tag = load_run_weights(run_dir, tag)
     family(cfg)  # refuse an unsupported model before anything is written
-    tokenizer_model = tokenizer_model or cfg.data.tokenizer_model
-    if not tokenizer_model:
-        raise ConfigError(f"{run_dir}/config.yaml names no data.tokenizer_model; pass --tokenizer-model M.model")
-    tokenizer = export_tokenizer(tokenizer_model, out_dir, cfg.model.seq_len)
+    tokenizer = export_tokenizer(run_tokenizer_model(cfg, run_dir, tokenizer_model), out_dir, cfg.model.seq_len)
     model = hf_model(cfg, state, tokenizer, dtype)
     model.generation_config.update(**special_ids(tokenizer))
     model.save_pretrained(out_dir)

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from megamu.checkpoint import POINTER, merge_run_checkpoint, read_pointer, run_config
-from megamu.config import Config
+from megamu.config import Config, ConfigError
 from megamu.errors import CheckpointError
 from megamu.model import build_model
 from megamu.model.transformer import Transformer
@@ -67,6 +67,14 @@ def load_run_model(run_dir: str, tag: Optional[str] = None) -> tuple[Config, Tra
     model = build_model(cfg)
     model.load_state_dict(state)
     return cfg, model.to(device()).eval(), tag
+
+
+def tokenizer_model(cfg: Config, run_dir: str, given: Optional[str] = None) -> str:
+    """The SentencePiece model of a run: `given`, else its data.tokenizer_model; ConfigError when neither."""
+    path = given or cfg.data.tokenizer_model
+    if not path:
+        raise ConfigError(f"{run_dir}/config.yaml names no data.tokenizer_model; pass --tokenizer-model M.model")
+    return path
 
 
 def _zero3_state(checkpoint_dir: str, tag: str) -> dict[str, torch.Tensor]:
