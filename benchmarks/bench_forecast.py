@@ -26,7 +26,7 @@ import numpy as np
 from megamu.errors import FitError
 from megamu.scaling import published
 from megamu.scaling.baselines import chinchilla3_fit, nanolm_fit
-from megamu.scaling.forecast import DEFAULT_OPTIONS, FitOptions, forecast
+from megamu.scaling.forecast import DEFAULT_OPTIONS, ND_FORMS, X_FORMS, FitOptions, forecast
 
 SECTION = "## Forecasts on published ladders (issue 12)"
 OPTIONS = {
@@ -60,8 +60,8 @@ def _rel(predicted: np.ndarray, actual: np.ndarray) -> np.ndarray:
 def megamu_inputs(ladder: published.Ladder) -> tuple:
     """The variables and candidate forms: N and D where they vary independently, else the one x."""
     if ladder.two_d:
-        return {"params": ladder.params, "tokens": ladder.tokens}, ["nd_sum", "nd_tied"]
-    return {"x": ladder.x(ladder.size)}, ["x_floor", "x_pure"]
+        return {"params": ladder.params, "tokens": ladder.tokens}, list(ND_FORMS)
+    return {"x": ladder.x(ladder.size)}, list(X_FORMS)
 
 
 def evaluate(ladder: published.Ladder, options: "FitOptions | tuple", baselines: bool = True) -> Row:

@@ -4,7 +4,7 @@ import pytest
 
 from megamu.errors import FitError
 from megamu.scaling.baselines import chinchilla3_fit, nanolm_fit
-from megamu.scaling.forecast import FitOptions, forecast, size_bins
+from megamu.scaling.forecast import ND_FORMS, FitOptions, forecast, size_bins
 from megamu.scaling.forms import FORMS, design, fit_form
 
 N = np.repeat(np.geomspace(1e7, 1e9, 6), 4)
@@ -13,6 +13,12 @@ D = N * np.tile([5.0, 20.0, 80.0, 320.0], 6)
 
 def nd_law(n, d, beta=0.28):
     return 1.8 + 480 / n**0.34 + 410 / d**beta
+
+
+def over_law(n, d, ratio_exponent=0.05):
+    """Gadre-style L(C, M) whose prefactor's curvature in log M (0.05) differs from the compute exponent (0.15)."""
+    c, m = n * d, d / n
+    return 1.8 + c**-0.15 * (150 * m**ratio_exponent + 300 * m**-ratio_exponent)
 
 
 def noisy(loss, seed, sd=0.002):
@@ -24,6 +30,7 @@ def noisy(loss, seed, sd=0.002):
     ("x_pure", {"x": np.geomspace(1e17, 1e20, 10)}, lambda c: 40 * c["x"] ** -0.05),
     ("nd_sum", {"params": N, "tokens": D}, lambda c: nd_law(c["params"], c["tokens"])),
     ("nd_tied", {"params": N, "tokens": D}, lambda c: nd_law(c["params"], c["tokens"], beta=0.34)),
+    ("cm_over", {"params": N, "tokens": D}, lambda c: over_law(c["params"], c["tokens"])),
 ])
 def test_each_form_recovers_its_law_and_extrapolates(name, columns, truth):
     form = FORMS[name]
@@ -37,6 +44,10 @@ def test_each_form_recovers_its_law_and_extrapolates(name, columns, truth):
         assert law["alpha_params"] == pytest.approx(0.34, rel=1e-3)
         assert law["alpha_tokens"] == pytest.approx(0.28, rel=1e-3)
         assert law["A_params"] == pytest.approx(480, rel=1e-2)
+    if name == "cm_over":
+        assert law["alpha_compute"] == pytest.approx(0.15, rel=1e-3)
+        assert law["alpha_ratio"] == pytest.approx(0.05, rel=1e-3)
+        assert law["A_over"] == pytest.approx(150, rel=1e-2) and law["A_under"] == pytest.approx(300, rel=1e-2)
 
 
 def nd_columns():
@@ -51,10 +62,33 @@ def test_cross_validation_picks_the_generating_nd_form(beta, expected, seed):
     d = n * np.tile([5.0, 40.0, 320.0], 8)
     loss = noisy(nd_law(n, d, beta), seed=seed)
     fitted = n < n.max()
-    result = forecast({"params": n, "tokens": d}, loss, n, fitted, ["nd_sum", "nd_tied"])
+    result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
     assert result.form == expected, result.reason
-    assert result.folds == 4 and "smallest cross-validated error" in result.reason
+    # cm_over nests nd_tied (γ = η): on nd_tied's data the one-SE rule prefers the form with fewer parameters.
+    assert result.folds == 4 and result.reason.startswith(FORMS[expected].label + ":")
     assert np.all(np.abs(result.predicted / nd_law(n, d, beta)[~fitted] - 1) < 0.01)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_validation_picks_the_over_training_form_on_its_own_data(seed):
+    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
+    d = n * np.tile([5.0, 40.0, 320.0], 8)
+    loss = noisy(over_law(n, d), seed=seed)
+    fitted = n < n.max()
+    result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
+    assert result.form == "cm_over" and "smallest cross-validated error" in result.reason, result.reason
+    assert set(result.cv_errors) == {FORMS[f].label for f in ND_FORMS}
+    assert np.all(np.abs(result.predicted / over_law(n, d)[~fitted] - 1) < 0.005)
+
+
+def test_forms_degenerate_on_every_fold_do_not_block_the_choice():
+    # γ = 0.3 > η: at fixed N the loss rises with D, which neither Chinchilla form can follow (both fits are
+    # degenerate on every fold); the over-training form is still chosen on its folds rather than by default.
+    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
+    d = n * np.tile([5.0, 40.0, 320.0], 8)
+    result = forecast({"params": n, "tokens": d}, over_law(n, d, 0.3), n, n < n.max(), ND_FORMS)
+    assert result.form == "cm_over" and result.folds > 0, result.reason
+    assert result.cv_errors[FORMS["nd_sum"].label] is None and result.cv_errors[FORMS["nd_tied"].label] is None
 
 
 @pytest.mark.parametrize("truth, expected", [

@@ -7,7 +7,14 @@
 - `nd_sum`    E + A/N^α + B/D^β, Chinchilla's form (any tokens per parameter);
 - `nd_tied`   E + A/N^α + B/D^α: Gadre et al. 2024's over-training law L(C, M) = E + (a·M^η + b·M^−η)·C^−η
               is this form written in compute C = 6ND and tokens per parameter M = D/N (α = 2η), so one
-              exponent describes how the loss falls at any M; one parameter fewer than `nd_sum`.
+              exponent describes how the loss falls at any M; one parameter fewer than `nd_sum`;
+- `cm_over`   E + (A·M^γ + B·M^−γ)·C^−η with C = N·D and M = D/N: Gadre's idea (at any fixed M the loss
+              falls along one power of compute, and M only sets the prefactor) with the prefactor's
+              curvature in log M free (γ) instead of tied to η; γ = η is `nd_tied`. Each term is a product
+              of powers, N^−(η±γ)·D^−(η∓γ), so how much over-training costs is measured, not assumed.
+
+A term is a product of powers of the variables: log term_k = log A_k − Σ_j G_kj·log z_j with the exponent
+G_kj = Σ_p coefficients[k, j, p]·α_p linear in the form's exponents α.
 
 Each variable is divided by its geometric mean and amplitudes are fitted as logs (as in fit.py), the
 floor as log E bounded by the smallest observed loss. Fitting log L weights every point by its relative
@@ -37,44 +44,68 @@ START_GRIDS = {
 
 @dataclass(frozen=True)
 class Form:
-    """A power-sum law: which variables enter, whether it has a floor, whether the exponents are shared."""
+    """A power-sum law: its variables, its terms as products of powers, whether it has a floor."""
 
     name: str
-    variables: tuple  # names of z_k, e.g. ("params", "tokens") or ("x",)
+    variables: tuple  # names of z_j, e.g. ("params", "tokens") or ("x",)
+    coefficients: tuple  # [term][variable][exponent]: G_kj = Σ_p coefficients[k][j][p]·α_p
+    exponent_keys: tuple  # (variable or name, exponent index): natural() reports alpha_<name> for each
+    term_names: tuple  # natural() reports A_<name> for each term
     floor: bool = True
-    tied: bool = False
     label: str = ""
 
     @property
     def n_exponents(self) -> int:
-        return 1 if self.tied else len(self.variables)
+        return len(self.coefficients[0][0])
+
+    @property
+    def tied(self) -> bool:
+        """One power term per variable, all sharing one exponent."""
+        return self.n_exponents == 1 and len(self.variables) > 1
 
     @property
     def n_params(self) -> int:
-        return int(self.floor) + len(self.variables) + self.n_exponents
+        return int(self.floor) + len(self.term_names) + self.n_exponents
+
+    def exponent_matrix(self, alphas: np.ndarray) -> np.ndarray:
+        """G, shape (terms, variables): the power of each variable in each term."""
+        return np.asarray(self.coefficients, dtype=float) @ alphas
 
     def unpack(self, theta: np.ndarray) -> tuple:
-        """(log E or None, log amplitudes, one exponent per variable)."""
+        """(log E or None, log amplitudes, exponents)."""
         i = int(self.floor)
         log_e = theta[0] if self.floor else None
-        log_amps = theta[i:i + len(self.variables)]
-        alphas = theta[i + len(self.variables):]
-        return log_e, log_amps, np.repeat(alphas, len(self.variables)) if self.tied else alphas
+        return log_e, theta[i:i + len(self.term_names)], theta[i + len(self.term_names):]
 
+
+def _separate(name: str, variables: tuple, label: str, floor: bool = True, tied: bool = False) -> Form:
+    """One power term per variable, with its own exponent or (tied) one shared by all."""
+    n = len(variables)
+    coefficients = tuple(tuple((float(j == k),) if tied else tuple(float(j == k == p) for p in range(n))
+                               for j in range(n)) for k in range(n))
+    keys = tuple((v, 0 if tied else k) for k, v in enumerate(variables))
+    return Form(name, variables, coefficients, keys, variables, floor, label)
+
+
+# cm_over's terms in (N, D), exponents (η, γ):
+# C^−η·M^+γ = N^−(η+γ)·D^−(η−γ) and C^−η·M^−γ = N^−(η−γ)·D^−(η+γ).
+_OVER_TRAINING = (((1.0, 1.0), (1.0, -1.0)), ((1.0, -1.0), (1.0, 1.0)))
 
 FORMS = {
-    "x_floor": Form("x_floor", ("x",), label="a*x^b+c"),
-    "x_pure": Form("x_pure", ("x",), floor=False, label="a*x^b"),
-    "nd_sum": Form("nd_sum", ("params", "tokens"), label="E+A/N^alpha+B/D^beta"),
-    "nd_tied": Form("nd_tied", ("params", "tokens"), tied=True, label="E+A/N^alpha+B/D^alpha"),
+    "x_floor": _separate("x_floor", ("x",), "a*x^b+c"),
+    "x_pure": _separate("x_pure", ("x",), "a*x^b", floor=False),
+    "nd_sum": _separate("nd_sum", ("params", "tokens"), "E+A/N^alpha+B/D^beta"),
+    "nd_tied": _separate("nd_tied", ("params", "tokens"), "E+A/N^alpha+B/D^alpha", tied=True),
+    "cm_over": Form("cm_over", ("params", "tokens"), _OVER_TRAINING, (("compute", 0), ("ratio", 1)),
+                    ("over", "under"), label="E+(A*M^g+B*M^-g)/C^eta"),
 }
 
 
 def _terms(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
-    """(floor, per-variable power terms, shape (n, K))."""
+    """(floor, power terms, shape (n, K))."""
     log_e, log_amps, alphas = form.unpack(theta)
     # Clipped: a trial step of the optimiser far up a wall would otherwise overflow to inf.
-    powers = np.exp(np.minimum(log_amps[None, :] - alphas[None, :] * log_z, 700.0))
+    powers = np.exp(np.minimum(log_amps[None, :] - log_z @ form.exponent_matrix(alphas).T, 700.0))
     return (math.exp(log_e) if form.floor else 0.0), powers
 
 
@@ -86,9 +117,8 @@ def log_model(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
 def log_jacobian(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
     floor, powers = _terms(form, theta, log_z)
     total = (floor + powers.sum(axis=1))[:, None]
-    slopes = -powers * log_z
-    columns = ([np.full((len(log_z), 1), floor)] if form.floor else []) + [powers]
-    columns.append(slopes.sum(axis=1, keepdims=True) if form.tied else slopes)
+    slopes = -np.einsum("nk,nj,kjp->np", powers, log_z, np.asarray(form.coefficients, dtype=float))
+    columns = ([np.full((len(log_z), 1), floor)] if form.floor else []) + [powers, slopes]
     return np.hstack(columns) / total
 
 
@@ -121,10 +151,10 @@ class LogFit:
     def natural(self) -> dict:
         """The law in the units of the data: E (or None), amplitudes and exponents per variable."""
         log_e, log_amps, alphas = self.form.unpack(self.theta)
-        amps = np.exp(log_amps + alphas * np.log(self.scales))
+        amps = np.exp(log_amps + self.form.exponent_matrix(alphas) @ np.log(self.scales))
         return {"E": None if log_e is None else math.exp(log_e),
-                **{f"A_{v}": float(a) for v, a in zip(self.form.variables, amps)},
-                **{f"alpha_{v}": float(al) for v, al in zip(self.form.variables, alphas)}}
+                **{f"A_{t}": float(a) for t, a in zip(self.form.term_names, amps)},
+                **{f"alpha_{v}": float(alphas[p]) for v, p in self.form.exponent_keys}}
 
     def floor_identified(self) -> bool:
         """False when the data cannot tell the floor from the power terms: log E is uncertain by more
@@ -171,7 +201,7 @@ def fit_form(form: Form, z: np.ndarray, loss: Sequence[float], huber: Optional[f
 
 
 def _bounds(form: Form, min_loss: float) -> tuple:
-    n_amp, n_exp = len(form.variables), form.n_exponents
+    n_amp, n_exp = len(form.term_names), form.n_exponents
     lower = [-np.inf] * (int(form.floor) + n_amp) + [_ALPHA_BOUNDS[0]] * n_exp
     upper = ([math.log(min_loss)] if form.floor else []) + [np.inf] * n_amp + [_ALPHA_BOUNDS[1]] * n_exp
     return np.array(lower), np.array(upper)
@@ -183,10 +213,10 @@ def _starts(form: Form, log_z: np.ndarray, loss: np.ndarray, grid: str) -> Itera
     exponents, floor_fractions = START_GRIDS[grid]
     floors = [f * loss.min() for f in floor_fractions] if form.floor else [0.0]
     for alphas in _exponent_grid(form, exponents):
-        powers = np.exp(-np.repeat(alphas, len(form.variables)) * log_z if form.tied else -alphas * log_z)
+        powers = np.exp(-log_z @ form.exponent_matrix(alphas).T)
         for floor in floors:
             amps, _ = optimize.nnls(powers, loss - floor)
-            log_amps = np.log(np.maximum(amps, 1e-3 * (loss.mean() - floor) / len(form.variables)))
+            log_amps = np.log(np.maximum(amps, 1e-3 * (loss.mean() - floor) / len(form.term_names)))
             yield np.concatenate([[math.log(floor)] if form.floor else [], log_amps, alphas])
 
 
