@@ -9,8 +9,10 @@ import pytest
 
 from megamu.cli import predict as predict_tool  # the tool's main, called in-process for the fast cases
 from megamu.errors import FitError
-from megamu.scaling.points import read_points_csv
+from megamu.scaling.points import LossPoint, read_points_csv
+from megamu.scaling.predict import format_report, predict
 from megamu.scaling.runs import read_run_point
+from megamu.scaling.trend_checks import extreme_exponent, non_monotone
 from scripts import script
 
 TOOL = script("megamu-predict")
@@ -256,3 +258,45 @@ def test_tool_says_when_points_cannot_measure_their_own_error(tmp_path, capsys):
     assert selection["holdout"][0]["interval"] is None
     assert "as many points as parameters" in printed and "no interval can be given" in printed
     assert "exact fit: no residual degrees of freedom, no uncertainty" in printed
+
+
+def ladder_points(losses, start=1e5):
+    x = np.geomspace(start, start * 2 ** (len(losses) - 1), len(losses))
+    return [LossPoint(f"r{i}", float(loss), params=float(n)) for i, (n, loss) in enumerate(zip(x, losses))]
+
+
+def test_one_residual_degree_of_freedom_takes_the_selections_interval_and_says_why():
+    # The demo's case: four fitted rungs and three parameters; the classic delta method would rest on one residual.
+    x = np.geomspace(1e5, 1.6e6, 5)
+    losses = final_loss_law(x) * np.exp(np.random.default_rng(3).normal(0, 0.01, 5))
+    report, _ = predict(ladder_points(losses), "params", holdout=1, target=1.3e7)
+    assert report["dof"] == 1 and report["interval_source"] == "selection"
+    assert "1 residual degree(s) of freedom" in report["interval_note"] and "selection's" in report["interval_note"]
+    held, sel = report["holdout"][0], report["selection"]["holdout"][0]
+    # The selection's interval relative to its own prediction, placed on the classic prediction.
+    np.testing.assert_allclose(np.divide(held["interval"], held["predicted"]),
+                               np.divide(sel["interval"], sel["predicted"]))
+    prediction = report["prediction"]
+    for lo, hi, centre in [(*held["interval"], held["predicted"]), (*prediction["interval"], prediction["loss"])]:
+        assert 0 < lo < centre < hi < 6 * centre
+    assert "note on the intervals above" in format_report(report)
+
+
+def test_enough_points_keep_the_classic_delta_interval():
+    report, _ = predict(ladder_points(final_loss_law(np.geomspace(1e5, 1e5 * 2**7, 8))), "params", holdout=1)
+    assert report["interval_source"] == "delta" and report["interval_note"] is None and report["warnings"] == []
+
+
+def test_a_rising_ladder_is_warned_about_and_a_missed_point_is_no_exact_fit():
+    report, _ = predict(ladder_points([3.0, 3.1, 2.5, 2.4]), "params", holdout=1)
+    assert len(report["warnings"]) == 1
+    assert "does not fall with params (3 at params = 1e+05 -> 3.1" in report["warnings"][0]
+    printed = format_report(report)
+    assert "exact fit" not in printed and "cannot pass through these points" in printed
+
+
+def test_an_extreme_exponent_is_warned_about():
+    report, _ = predict(ladder_points([3.0, 2.5, 2.45, 2.44]), "params", holdout=1)
+    assert any("fitted exponent b = -3.32 is extreme" in w for w in report["warnings"])
+    assert "exact fit: no residual degrees of freedom" in format_report(report)  # it does pass through all three
+    assert extreme_exponent("b", -0.3) == [] and non_monotone(np.array([1.0, 2.0]), np.array([3.0, 2.0]), "x") == []

@@ -1,10 +1,14 @@
 """The loss-prediction workflow behind megamu-predict: fit, hold out, predict, report.
 
 `predict` returns the DESIGN.md "Predict" JSON (plus `level`, `interval_method`, residuals,
-`selection` and, with two_var, the L(N, D) fit) and the fitted curve for plotting; `format_report`
-turns that JSON into the table the tool prints. `selection` is megamu.scaling.forecast's choice among
-forms by expanding-window cross-validation (with or without a floor; for L(N, D) one or two
-exponents), with its own holdout, prediction and interval, beside the classic fit the contract keeps.
+`selection`, `warnings`, `interval_source`, `interval_note` and, with two_var, the L(N, D) fit) and the
+fitted curve for plotting; `format_report` turns that JSON into the table the tool prints. `selection` is
+megamu.scaling.forecast's choice among forms by expanding-window cross-validation (with or without a floor;
+for L(N, D) Chinchilla's sum, its tied-exponent version or the over-training form), with its own holdout,
+prediction and interval, beside the classic fit the contract keeps.
+When the classic fit's own interval means nothing (fewer than two residual degrees of freedom, or reaching
+0 or 6× the loss) its intervals are the selection's, relative to the loss, or none, and `interval_note` says
+why; `warnings` names a ladder whose loss does not fall with x and extreme exponents.
 """
 from __future__ import annotations
 
@@ -21,10 +25,11 @@ from megamu.scaling.fit import (
     prediction_interval,
     split_holdout,
 )
-from megamu.scaling.forecast import forecast
+from megamu.scaling.forecast import ND_FORMS, X_FORMS, forecast
 from megamu.scaling.forms import FORMS
 from megamu.scaling.points import LossPoint
 from megamu.scaling.seeds import estimate_seed_offsets, point_seeds
+from megamu.scaling.trend_checks import extreme_exponent, non_monotone
 from megamu.scaling.two_var import fit_two_var
 
 FORM = "a*x^b+c"
@@ -70,7 +75,18 @@ def predict(
     eval_x = np.append(x[~used], [] if target is None else [target])
     intervals = prediction_interval(fit, eval_x, level, bootstrap, seed) if len(eval_x) else None
     n_held = int((~used).sum())
-    held_intervals = None if intervals is None else nonnegative(intervals[:n_held] + offset[~used, None])
+    target_x = [] if target is None else [float(target)]
+    selection = _selection({"x": np.append(x, target_x)}, np.append(loss - offset, [np.nan] * len(target_x)),
+                           np.append(used, [False] * len(target_x)), list(X_FORMS), level,
+                           n_target=len(target_x))
+    centres = np.append(fit.predict(x[~used]) + offset[~used], fit.predict(target_x))
+    interval_note = _meaningless(fit, intervals, centres) if len(eval_x) else None
+    if interval_note:
+        intervals, interval_note = _from_selection(selection, centres, interval_note)
+        offset_rows = np.zeros(n_held)  # the selection's widths are already placed on the predictions
+    else:
+        offset_rows = offset[~used]
+    held_intervals = None if intervals is None else nonnegative(intervals[:n_held] + offset_rows[:, None])
     held = evaluate_holdout(fit, x[~used], loss[~used], held_intervals, offset[~used])
     residuals = loss - offset - fit.predict(x)
 
@@ -104,10 +120,12 @@ def predict(
             "interval": None if intervals is None else [float(intervals[-1, 0]), float(intervals[-1, 1])],
         },
     }
-    target_x = [] if target is None else [float(target)]
-    report["selection"] = _selection({"x": np.append(x, target_x)}, np.append(loss - offset, [np.nan] * len(target_x)),
-                                     np.append(used, [False] * len(target_x)), ["x_floor", "x_pure"], level,
-                                     n_target=len(target_x))
+    report["selection"] = selection
+    report["interval_source"] = None if intervals is None else (
+        "selection" if interval_note else ("bootstrap" if bootstrap > 0 else "delta"))
+    report["interval_note"] = interval_note
+    report["warnings"] = (non_monotone(x[used], (loss - offset)[used], x_kind) + extreme_exponent("b", fit.b)
+                          + _selection_exponents(selection))
     if seed_offsets:
         report["seed_offsets"] = {str(s): d for s, d in offsets.items()}
         report["holdout_mean"] = _holdout_means(fit, x[~used], loss[~used], offset[~used], level)
@@ -117,6 +135,35 @@ def predict(
             target, target_tokens, level,
         )
     return report, fit
+
+
+def _meaningless(fit, intervals: Optional[np.ndarray], centres: np.ndarray) -> Optional[str]:
+    """Why the classic fit's own interval says nothing (None when it is usable): one residual degree of
+    freedom or none, or an interval reaching 0 or 6× the prediction."""
+    if fit.dof < 2:
+        return (f"the classic fit has {fit.dof} residual degree(s) of freedom ({len(fit.x)} points, 3 parameters): "
+                f"its own interval would rest on {'no residual' if fit.dof < 1 else 'one residual'}")
+    if intervals is None:
+        return None
+    if np.any(intervals[:, 0] <= 0) or np.any(intervals[:, 1] >= 6 * centres):
+        return "the classic fit's delta-method interval reaches 0 or 6× the loss: the points do not pin a, b and c"
+    return None
+
+
+def _from_selection(selection: dict, centres: np.ndarray, why: str) -> tuple:
+    """The cross-validated selection's relative interval placed on the classic predictions, with the note saying
+    so; (None, note) when the selection has no interval either."""
+    rows = [*selection.get("holdout", []), *([selection["prediction"]] if selection.get("prediction") else [])]
+    if "error" in selection or len(rows) != len(centres) or any(r["interval"] is None for r in rows):
+        return None, f"{why}; the cross-validated selection has no interval either, so none is given"
+    ratios = np.array([[r["interval"][0] / r["predicted"], r["interval"][1] / r["predicted"]] for r in rows])
+    return centres[:, None] * ratios, (f"{why}; the interval is the cross-validated selection's "
+                                       f"({selection['chosen']}), relative to the loss")
+
+
+def _selection_exponents(selection: dict) -> list:
+    return [w for k, v in selection.get("fit", {}).items() if k.startswith("alpha_")
+            for w in extreme_exponent(k.replace("alpha_", "alpha for "), v)]
 
 
 def _selection(columns: dict, loss: np.ndarray, fitted: np.ndarray, candidates: list, level: float,
@@ -188,7 +235,8 @@ def _two_var_report(
     selection = _selection(
         {"params": np.array([p.x("params") for p in rows] + extra), "tokens": np.array([p.x("tokens") for p in rows] + extra_tokens)},
         np.array([p.loss for p in rows] + [np.nan] * len(extra)),
-        np.array([True] * len(used) + [False] * (len(held) + len(extra))), ["nd_sum", "nd_tied"], level, len(extra))
+        np.array([True] * len(used) + [False] * (len(held) + len(extra))), list(ND_FORMS), level,
+        len(extra))
     if target is not None:
         lo, hi = fit.interval(target, target_tokens, level)[0]
         prediction = {
@@ -206,19 +254,30 @@ def _two_var_report(
     }
 
 
+def _no_dof_line(report: dict) -> str:
+    """"exact fit" only when the curve passes through the fitted points; bounds (b < 0, 0 ≤ c ≤ min loss) can
+    keep it from doing so, e.g. on a ladder whose loss does not fall."""
+    worst = max(abs(p["residual"]) / p["loss"] for p in report["points"] if p["used"])
+    if worst <= 1e-6:
+        return "  exact fit: no residual degrees of freedom, no uncertainty"
+    return (f"  no residual degrees of freedom, yet the fit misses a point by {worst * 100:.2g}%: "
+            f"a*x^b+c cannot pass through these points (see the warnings)")
+
+
 def _pm(value: float, err: Optional[float]) -> str:
     return f"{value:.6g} ± {err:.3g}" if err is not None else f"{value:.6g} ± n/a"
 
 
 def _interval(interval: Optional[list]) -> str:
-    return f"[{interval[0]:.5g}, {interval[1]:.5g}]" if interval else "n/a (no residual degrees of freedom)"
+    return f"[{interval[0]:.5g}, {interval[1]:.5g}]" if interval else "n/a (see the note)"
 
 
 def format_report(report: dict) -> str:
     """The human-readable table: fit, points with residuals, holdout, prediction."""
     n_used = sum(p["used"] for p in report["points"])
     pct = f"{report['level'] * 100:g}%"
-    method = "delta method" if report["interval_method"] == "delta" else "studentized residual bootstrap"
+    method = {"delta": "delta method", "bootstrap": "studentized residual bootstrap",
+              "selection": "the cross-validated selection's"}[report.get("interval_source") or report["interval_method"]]
     fit, err = report["fit"], report["stderr"]
     lines = [
         f"Fit  L = a·x^b + c  with x = {report['x']}  ({n_used} points fitted, {len(report['holdout'])} held out)",
@@ -226,7 +285,7 @@ def format_report(report: dict) -> str:
         f"  b = {_pm(fit['b'], err['b'])}",
         f"  c = {_pm(fit['c'], err['c'])}",
         f"  residual std = {report['residual_std']:.4g} on {report['dof']} degree(s) of freedom"
-        if report["residual_std"] is not None else "  exact fit: no residual degrees of freedom, no uncertainty",
+        if report["residual_std"] is not None else _no_dof_line(report),
         "",
         f"  {'name':<24} {report['x']:>12} {'loss':>9} {'used':>5} {'residual':>10}",
     ]
@@ -254,6 +313,9 @@ def format_report(report: dict) -> str:
         pred = report["prediction"]
         lines += ["", f"Prediction at {report['x']} = {pred['x']:.4g}: loss {pred['loss']:.5g}, "
                       f"{pct} interval {_interval(pred['interval'])} ({method})"]
+    if report.get("interval_note"):
+        lines += [f"  note on the intervals above: {report['interval_note']}"]
+    lines += [f"warning: {w}" for w in report.get("warnings", [])]
     lines += _selection_lines(report["selection"], pct)
     if "two_var" in report:
         tv = report["two_var"]
