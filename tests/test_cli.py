@@ -21,7 +21,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIPPED = sorted(os.path.basename(p)[:-len(".yaml")] for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")))
 SCRIPTS = ["megamu-train", "megamu-preprocess", "megamu-train-tokenizer", "megamu-predict", "megamu-sweep",
            "megamu-scale", "megamu-coord-check", "megamu-merge", "megamu-demo", "megamu-export-hf", "megamu-generate",
-           "megamu-eval", "megamu-import-hf"]
+           "megamu-eval", "megamu-import-hf", "megamu-plan", "megamu-curve"]
 
 
 def user_error(name: str, tmp: str) -> list[str]:
@@ -42,6 +42,8 @@ def user_error(name: str, tmp: str) -> list[str]:
         "megamu-generate": [missing, "--prompt", "hi"],
         "megamu-eval": [missing],
         "megamu-import-hf": [missing, "--config", "tiny", "--out", missing + "_run"],
+        "megamu-plan": ["--flops", "1e21", "--points", missing + ".csv"],
+        "megamu-curve": [missing + "_a", missing + "_b"],
     }[name]
 
 
