@@ -1,0 +1,186 @@
+"""Whole-curve fits (scaling/curve.py), early forecasts (scaling/early.py) and megamu-curve, on synthetic curves."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import yaml
+
+from megamu.cli import curve as curve_tool
+from megamu.config import TrainConfig
+from megamu.errors import FitError
+from megamu.scaling.curve import Curve, CurveFit, curve_errors, fit_curves, read_curve, schedule_lrs
+from megamu.scaling.curve_report import curve_report, format_curve_report
+from megamu.scaling.early import early_forecast, seed_spread
+
+# The synthetic law: θ = (E, B, A, C, β, γ, α, log τ) at N_ref = 1e6.
+TRUE = np.array([1.8, 0.9, 0.6, 2.0, 0.35, 0.15, 0.45, math.log(40.0)])
+N_REF = 1e6
+STEPS, WARMUP, PEAK_LR, LOG_EVERY = 400, 20, 4e-3, 5
+FIT_SIZES = (2.5e5, 5e5, 1e6)
+HELD_OUT = 8e6  # 8× the largest fitted size
+
+
+def schedule(kind: str, steps: int = STEPS) -> np.ndarray:
+    return schedule_lrs(TrainConfig(schedule=kind, max_steps=steps, warmup_steps=WARMUP, lr=PEAK_LR,
+                                    min_lr_ratio=0.1, decay_fraction=0.2))
+
+
+def true_curve(params: float, kind: str, noise: float = 0.0, seed: int = 0, shift: float = 0.0,
+               steps: int = STEPS) -> Curve:
+    """A train curve of the synthetic law, optionally with relative noise and a constant log shift."""
+    lrs = schedule(kind, steps)
+    updates = np.arange(LOG_EVERY, steps + 1, LOG_EVERY) - 1
+    law = CurveFit(TRUE, N_REF, 0.0, (), params).predict(params, lrs, updates)
+    rng = np.random.default_rng(seed)
+    loss = law * np.exp(shift + noise * rng.standard_normal(len(law)))
+    return Curve(f"N{params:.3g}_{kind}_s{seed}", params, updates, loss, lrs, WARMUP, steps - 1, seed)
+
+
+@pytest.fixture(scope="module")
+def cosine_fit():
+    return fit_curves([true_curve(n, "cosine") for n in FIT_SIZES])
+
+
+def test_joint_fit_recovers_the_synthetic_law(cosine_fit):
+    fitted = cosine_fit.theta.copy()
+    fitted[:4] *= (cosine_fit.n_ref / N_REF) ** np.array([0.0, fitted[4], fitted[5], fitted[5]])  # to N_REF's units
+    assert cosine_fit.rms_rel < 1e-4
+    np.testing.assert_allclose(fitted, TRUE, rtol=0.03)
+
+
+def test_held_out_width_and_unseen_schedule_are_predicted(cosine_fit):
+    """Fit on cosine at three sizes, predict a WSD run 8× larger (and a cosine one of the same size)."""
+    for kind in ("wsd", "cosine"):
+        errors = curve_errors(cosine_fit, true_curve(HELD_OUT, kind))
+        assert errors["size_ratio"] == pytest.approx(8.0)
+        assert errors["mean_rel_error"] < 1e-3 and errors["max_rel_error"] < 3e-3, (kind, errors)
+
+
+def test_a_wrong_law_is_not_predicted_within_tolerance(cosine_fit):
+    """The check can fail: a WSD curve whose cool-down does nothing is off the fitted law."""
+    curve = true_curve(HELD_OUT, "wsd")
+    flat = Curve(curve.name, curve.params, curve.updates, curve.loss.copy(), curve.lrs, WARMUP, curve.final_updates)
+    decay = flat.updates >= STEPS * 0.8
+    flat.loss[decay] = flat.loss[np.argmax(decay) - 1]
+    assert curve_errors(cosine_fit, flat)["max_rel_error"] > 0.01
+
+
+def test_noisy_curves_with_seeds_give_an_early_forecast_and_a_flag():
+    fitted = [true_curve(n, "cosine", noise=0.003, seed=s, shift=0.004 * (s - 1)) for n in FIT_SIZES for s in (0, 1, 2)]
+    fit = fit_curves(fitted)
+    np.testing.assert_allclose([fit.offsets[s] for s in (0, 1, 2)], [-0.004, 0.0, 0.004], atol=1e-3)
+    spread = seed_spread(fit, fitted)
+    assert spread == pytest.approx(0.004, rel=0.5)
+    target = true_curve(HELD_OUT, "wsd", noise=0.003, seed=7)
+    early = early_forecast(fit, target.prefix(0.2), spread)
+    assert early.seen_updates <= 0.2 * STEPS and early.final_updates == STEPS - 1
+    truth = true_curve(HELD_OUT, "wsd").loss[-1]
+    assert abs(early.predicted_final / truth - 1) < 0.01
+    assert early.flagged is False
+    bad = early_forecast(fit, true_curve(HELD_OUT, "wsd", noise=0.003, seed=7, shift=0.05).prefix(0.2), spread)
+    assert bad.flagged is True and bad.offset == pytest.approx(0.05, abs=0.01)
+    assert bad.predicted_final == pytest.approx(truth * math.exp(0.05), rel=0.01)
+
+
+def test_without_repeated_seeds_the_spread_is_unknown(cosine_fit):
+    curves = [true_curve(n, "cosine") for n in FIT_SIZES]
+    assert seed_spread(cosine_fit, curves) is None
+    early = early_forecast(cosine_fit, true_curve(HELD_OUT, "wsd").prefix(0.2), None)
+    assert early.flagged is None and "unknown" in early.verdict()
+
+
+def test_too_few_sizes_are_refused():
+    with pytest.raises(FitError, match="3 or more sizes"):
+        fit_curves([true_curve(n, "cosine") for n in FIT_SIZES[:2]])
+
+
+# ---- run directories and the tool -------------------------------------------------------------------------------
+
+def write_run(run_dir, curve: Curve, kind: str, lr_records: bool = True) -> str:
+    """A run directory as megamu's trainer leaves it: config.yaml (the schedule) and metrics.jsonl."""
+    os.makedirs(run_dir, exist_ok=True)
+    train = {"max_steps": len(curve.lrs), "warmup_steps": WARMUP, "lr": PEAK_LR, "schedule": kind,
+             "min_lr_ratio": 0.1, "decay_fraction": 0.2, "seed": curve.seed}
+    with open(os.path.join(run_dir, "config.yaml"), "w") as handle:
+        yaml.safe_dump({"train": train}, handle)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as handle:
+        handle.write(json.dumps({"kind": "meta", "params": curve.params}) + "\n")
+        for k, loss in zip(curve.updates, curve.loss):
+            record = {"kind": "train", "step": int(k) + 1, "tokens": int(k + 1) * 512, "loss": float(loss)}
+            if lr_records:
+                record["lr"] = float(curve.lrs[k])
+            handle.write(json.dumps(record) + "\n")
+    return str(run_dir)
+
+
+def test_read_curve_computes_the_schedule_and_checks_the_logged_lr(tmp_path):
+    source = true_curve(5e5, "wsd")
+    curve = read_curve(write_run(tmp_path / "w", source, "wsd"))
+    np.testing.assert_array_equal(curve.updates, source.updates)
+    np.testing.assert_allclose(curve.lrs, source.lrs)
+    assert (curve.params, curve.warmup_steps, curve.final_updates) == (5e5, WARMUP, STEPS - 1)
+    with open(tmp_path / "w" / "config.yaml", "w") as handle:  # the config now says cosine: not what ran
+        yaml.safe_dump({"train": {"max_steps": STEPS, "warmup_steps": WARMUP, "lr": PEAK_LR, "schedule": "cosine"}},
+                       handle)
+    with pytest.raises(FitError, match="config.yaml's schedule gives"):
+        read_curve(str(tmp_path / "w"))
+
+
+def test_smoothing_is_a_centred_mean(tmp_path):
+    source = true_curve(5e5, "constant", noise=0.01)
+    curve = read_curve(write_run(tmp_path / "w", source, "constant"), smooth=3)
+    np.testing.assert_allclose(curve.loss[1:-1], (source.loss[:-2] + source.loss[1:-1] + source.loss[2:]) / 3)
+    np.testing.assert_allclose(curve.loss[0], source.loss[:2].mean())
+
+
+def test_tool_fits_holds_out_forecasts_early_and_plots(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
+    target = write_run(tmp_path / "big", true_curve(HELD_OUT, "wsd"), "wsd")
+    out, png, config = tmp_path / "curve.json", tmp_path / "curve.png", tmp_path / "target.yaml"
+    config.write_text(yaml.safe_dump({"train": {"max_steps": 2 * STEPS, "warmup_steps": WARMUP, "lr": PEAK_LR,
+                                                "schedule": "wsd", "decay_fraction": 0.2}}))
+    code = curve_tool.main([*runs, target, "--holdout", "1", "--early", target, "--fraction", "0.2",
+                            "--target", str(config), "--target-params", "3e6", "--json", str(out), "--plot", str(png)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    (held,) = report["holdout"]
+    assert held["name"] == "big" and held["mean_rel_error"] < 1e-3
+    assert report["early"]["flagged"] is None and abs(report["early"]["predicted_final"] / held["final"]["actual"] - 1) < 0.01
+    truth = CurveFit(TRUE, N_REF, 0.0, (), 3e6).predict(3e6, schedule("wsd", 2 * STEPS), np.array([2 * STEPS]))[0]
+    assert report["target"]["final_updates"] == 2 * STEPS
+    assert report["target"]["final_loss"] == pytest.approx(truth, rel=1e-3)
+    assert png.stat().st_size > 10_000
+    assert "big" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("two_sizes", "3 or more sizes"),
+    ("no_lr", "without an `lr` value"),
+    ("no_config", "has no config.yaml"),
+])
+def test_tool_user_errors_are_one_line(tmp_path, capsys, case, message):
+    sizes = FIT_SIZES[:2] if case == "two_sizes" else FIT_SIZES
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine", lr_records=case != "no_lr")
+            for i, n in enumerate(sizes)]
+    if case == "no_config":
+        os.remove(os.path.join(runs[0], "config.yaml"))
+    assert curve_tool.main(runs) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_parameters_on_a_bound_are_reported_as_not_pinned(cosine_fit):
+    """A fit whose truth has no annealing (C = 0) ends with C on its bound and says so; the interior truth does not."""
+    assert cosine_fit.at_bounds == ()
+    no_anneal = TRUE.copy()
+    no_anneal[3] = 0.0
+    curves = []
+    for n in FIT_SIZES:
+        curve = true_curve(n, "cosine")
+        loss = CurveFit(no_anneal, N_REF, 0.0, (), n).predict(n, curve.lrs, curve.updates)
+        curves.append(Curve(curve.name, n, curve.updates, loss, curve.lrs, WARMUP, curve.final_updates))
+    report, fit, _ = curve_report(curves)
+    assert "C" in fit.at_bounds and "C" in report["fit"]["at_bounds"]
+    assert "not pinned by these runs" in format_curve_report(report)
