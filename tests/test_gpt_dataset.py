@@ -177,6 +177,19 @@ def test_build_datasets_single_prefix_default_cache_beside_data(corpus, tmp_path
     assert not [f for f in cache_files if ".tmp" in f]  # atomic_write's temporaries end in .tmp
 
 
+def test_train_seed_reshuffles_training_data_but_not_the_validation_set(corpus, tmp_path):
+    _, indexed = corpus
+    cfg = config_for(indexed.prefix, split="20,20,0", cache_dir=str(tmp_path / "cache"))
+    tokens = {}
+    for seed in (1, 2):
+        cfg.train.seed = seed
+        datasets = build_datasets(cfg, {"train": 30, "valid": 30})
+        tokens[seed] = {split: [ds[i]["tokens"].tolist() for i in range(len(ds))] for split, ds in datasets.items()}
+    assert tokens[1]["train"] != tokens[2]["train"]
+    # Runs that differ only in their seed are scored on the same text.
+    assert tokens[1]["valid"] == tokens[2]["valid"]
+
+
 def cache_files(directory) -> dict[str, int]:
     return {f: os.stat(os.path.join(directory, f)).st_mtime_ns for f in os.listdir(directory)}
 

@@ -16,6 +16,9 @@ from megamu.data.indexed import IndexedDataset
 from megamu.errors import DataError
 
 Dataset = Union[GPTDataset, BlendedDataset]
+# Validation and test samples are drawn with this fixed seed, never train.seed: runs that differ only in their
+# seed (a ladder's seeds, a sweep's repeats) are then scored on the same text, so their spread is training's.
+EVAL_SEED = 0
 
 
 def build_datasets(cfg: Config, num_samples: dict[str, int]) -> dict[str, Dataset]:
@@ -36,8 +39,8 @@ def build_datasets(cfg: Config, num_samples: dict[str, int]) -> dict[str, Datase
     ranges = [split_document_ranges(cfg.data.split, ds.num_documents) for ds in indexed]
 
     def gpt_dataset(d: int, split: str, n: int) -> GPTDataset:
-        return GPTDataset(indexed[d], split, ranges[d][split], cfg.model.seq_len, n, cfg.train.seed,
-                          cfg.data.cache_dir)
+        seed = cfg.train.seed if split == "train" else EVAL_SEED
+        return GPTDataset(indexed[d], split, ranges[d][split], cfg.model.seq_len, n, seed, cfg.data.cache_dir)
 
     if cfg.data.paths is None:
         return {split: gpt_dataset(0, split, n) for split, n in wanted.items()}
