@@ -48,3 +48,15 @@ def point_seeds(points: Sequence) -> list[int]:
             raise FitError(f"point {p.name!r} has no seed (train.seed in its config.yaml, or a `seed` column in the "
                            f"CSV): seed offsets need one for every point")
     return [int(p.seed) for p in points]
+
+
+def holdout_by_size(holdout: Sequence[dict]) -> list[dict]:
+    """Held-out entries of a report ({"x", "actual", "predicted", "interval", "rel_error"}, one per run) merged per
+    size: the mean of its runs' losses scored against the size's prediction, which its seeds share (the curve is
+    the seed-averaged law), with "runs" counting them."""
+    merged = []
+    for x in sorted({h["x"] for h in holdout}):
+        runs = [h for h in holdout if h["x"] == x]
+        actual = float(np.mean([h["actual"] for h in runs]))
+        merged.append({**runs[0], "actual": actual, "rel_error": runs[0]["predicted"] / actual - 1, "runs": len(runs)})
+    return merged
