@@ -3,9 +3,10 @@
 Stages (each prints what it did; re-running reuses finished stages and runs):
   1. train a SentencePiece tokenizer on the sample corpus,
   2. preprocess the corpus into Megatron-compatible .bin/.idx, print the summary and decoded samples,
-  3. μScaling: sweep η on the μP proxy, train a width ladder with the transferred η (each run's
-     run directory has its metrics.jsonl and loss_curve.png), fit L = a·params^b + c on all but the
-     largest rung and predict it and a model 8× larger (prediction.png).
+  3. μScaling: sweep η on the μP proxy, train a width ladder with the transferred η once per seed (each
+     run's directory has its metrics.jsonl and loss_curve.png), fit on all but the largest rung (the law
+     chosen by cross-validation, with seed offsets), predict it and a model 8× larger, and say which goals
+     the forecast meets (prediction.json, the predict JSON contract, beside prediction.png).
 """
 from __future__ import annotations
 
