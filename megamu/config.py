@@ -20,7 +20,10 @@ from megamu.shipped import DEEPSPEED, shipped_path
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # "llama" (RMSNorm, SwiGLU, RoPE) or "gpt2" (LayerNorm, GELU, learned positions)
+    # "llama" (RMSNorm, SwiGLU, RoPE), "gpt2" (LayerNorm, GELU, learned positions) or "bert" (gpt2's block,
+    # bidirectional, masked-language-model head and objective)
+    arch: str = "llama"
+    positions: Optional[str] = None  # bert only: "learned" (the default) or "rotary"; gpt2 learns, llama rotates
     hidden_size: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -71,6 +74,12 @@ class DataConfig:
     bytes_per_token: Optional[float] = None  # for bits-per-byte; None = measured from the tokenizer
     # processes preparing batches ahead of the step; None = 1 on CUDA (overlaps the GPU), 0 on CPU (spare no core)
     loader_workers: Optional[int] = None
+    # model.arch=bert's masked-language-model samples: this fraction of each sample's tokens is predicted; of
+    # those, mlm_mask_fraction are replaced by mask_token_id, mlm_random_fraction by a random token, the rest kept
+    mlm_probability: float = 0.15
+    mlm_mask_fraction: float = 0.8
+    mlm_random_fraction: float = 0.1
+    mask_token_id: Optional[int] = None  # None = the tokenizer's <pad> id (never in megamu's encoded text)
 
 
 @dataclass
@@ -149,10 +158,15 @@ class Config:
         m = self.model
         if m.ffn_hidden_size:
             return m.ffn_hidden_size
-        if m.arch == "gpt2":
+        if m.arch != "llama":
             return 4 * m.hidden_size
         raw = int(8 * m.hidden_size / 3)
         return m.ffn_multiple_of * ((raw + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
+
+    @property
+    def rotary(self) -> bool:
+        """Whether attention rotates q and k (RoPE) rather than the embedding adding learned positions."""
+        return self.model.arch == "llama" or (self.model.arch == "bert" and self.model.positions == "rotary")
 
     def padded_vocab_size(self) -> int:
         """Vocab rounded up so it divides by make_vocab_size_divisible_by · TP."""
@@ -170,6 +184,7 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
+ARCHS = ("llama", "gpt2", "bert")
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -279,7 +294,12 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
     """Check every cross-key constraint; raise ConfigError naming the key and the fix."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _require(m.arch in ("llama", "gpt2"), f"model.arch must be 'llama' or 'gpt2', got {m.arch!r}")
+    _require(m.arch != "t5", "model.arch=t5 (encoder-decoder) is not implemented yet; use llama, gpt2 or bert")
+    _require(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
+    _require(m.positions is None or (m.arch == "bert" and m.positions in ("learned", "rotary")),
+             f"model.positions={m.positions!r}: only model.arch=bert chooses its positions, 'learned' or 'rotary' "
+             f"(gpt2 always learns them, llama always rotates); remove the key or fix its value")
+    _validate_masking(cfg)
     for key in ("hidden_size", "n_layers", "n_heads", "seq_len"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _require(m.hidden_size % m.n_heads == 0,
@@ -301,6 +321,9 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
              f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
              f"set model.ffn_hidden_size to a multiple of it")
     _validate_pipeline(cfg)
+    _require(not (m.arch == "bert" and p.pipeline > 1),
+             f"model.arch=bert with parallel.pipeline={p.pipeline}: pipeline parallelism is not implemented for bert "
+             f"yet; set parallel.pipeline=1")
     _require(not (p.sequence_parallel and m.seq_len % p.tensor),
              f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
     _require(t.schedule in ("cosine", "wsd", "constant"),
@@ -351,6 +374,38 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
                      f"megamu-train-tokenizer")
         if t.deepspeed_config is not None:
             _require(os.path.isfile(t.deepspeed_config), f"train.deepspeed_config: {t.deepspeed_config} not found")
+
+
+def _validate_masking(cfg: Config) -> None:
+    d = cfg.data
+    _require(0.0 < d.mlm_probability <= 1.0,
+             f"data.mlm_probability={d.mlm_probability} must lie in (0, 1] (BERT predicts 0.15 of the tokens)")
+    _require(d.mlm_mask_fraction >= 0 and d.mlm_random_fraction >= 0
+             and d.mlm_mask_fraction + d.mlm_random_fraction <= 1.0,
+             f"data.mlm_mask_fraction={d.mlm_mask_fraction} and data.mlm_random_fraction={d.mlm_random_fraction} "
+             f"must be non-negative with a sum of at most 1 (the rest of the predicted tokens are kept; BERT: 0.8, "
+             f"0.1)")
+    vocab = cfg.model.vocab_size
+    _require(d.mask_token_id is None or (d.mask_token_id >= 0 and (vocab is None or d.mask_token_id < vocab)),
+             f"data.mask_token_id={d.mask_token_id} is not a token id of the vocabulary (0 .. model.vocab_size-1 = "
+             f"{vocab}-1); set an id the data never holds, e.g. the tokenizer's <pad>")
+
+
+def fill_mask_token_id(cfg: Config) -> None:
+    """data.mask_token_id for model.arch=bert from the tokenizer's <pad> id when it is unset."""
+    d = cfg.data
+    if cfg.model.arch != "bert" or d.mask_token_id is not None:
+        return
+    pad = None
+    if d.tokenizer_model is not None and os.path.isfile(d.tokenizer_model):
+        from megamu.data.tokenizer import Tokenizer
+
+        pad = Tokenizer(d.tokenizer_model).pad_id
+    if pad is None:
+        raise ConfigError(f"model.arch=bert needs a mask token: data.mask_token_id is unset and data.tokenizer_model "
+                          f"({d.tokenizer_model}) has no <pad> id to use; set data.mask_token_id to an id the data "
+                          f"never holds")
+    d.mask_token_id = pad
 
 
 def _validate_pipeline(cfg: Config) -> None:
@@ -460,6 +515,8 @@ def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = 
     validate(cfg, world_size=world_size, check_files=check_files)
     if need_data and not data_prefixes(cfg):
         raise ConfigError("no training data: set data.path (one prefix) or data.paths ([w1, prefix1, ...])")
+    if need_data:
+        fill_mask_token_id(cfg)
     return notes
 
 

@@ -9,7 +9,8 @@ from megamu.config import load_config
 from megamu.model import build_model, mup
 from megamu.model.mup import ROLES
 
-ARCHS = [(), ("model.arch=gpt2", "model.qk_norm=true"), ("model.n_kv_heads=2", "model.qk_norm=true")]
+ARCHS = [(), ("model.arch=gpt2", "model.qk_norm=true"), ("model.n_kv_heads=2", "model.qk_norm=true"),
+         ("model.arch=bert",)]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

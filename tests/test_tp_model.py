@@ -2,8 +2,8 @@
 
 - TP-invariant init (DESIGN.md invariant 1): gathered TP=2 and TP=4 weights equal the TP=1 weights,
   also when the TP size changes the vocabulary padding.
-- One forward/backward at TP=2, with and without sequence parallelism, for Llama (GQA, QK-norm) and
-  GPT-2 (biases, LayerNorm, learned positions): same loss, and the gathered gradients equal the TP=1
+- One forward/backward at TP=2, with and without sequence parallelism, for Llama (GQA, QK-norm),
+  GPT-2 (biases, LayerNorm, learned positions) and BERT (bidirectional, replicated MLM transform): same loss, and the gathered gradients equal the TP=1
   gradients (this checks the norms' partial-gradient all-reduce under SP and for QK-norm).
 - Merging TP shards gives the TP=1 state dict; dropout in TP regions draws from the per-rank stream;
   config errors for TP sizes that cannot work.
@@ -26,6 +26,7 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)  # fp32; only summation order differs from TP
 
 LLAMA = ["model.n_kv_heads=2", "model.qk_norm=true"]
 GPT2 = ["model.arch=gpt2"]
+BERT = ["model.arch=bert"]  # bidirectional, with the masked-LM head's replicated transform
 
 
 def tiny_cfg(*overrides: str) -> Config:
@@ -97,7 +98,7 @@ def _check_step(overrides: list[str]) -> None:
     assert_close(sharded(tokens[:, :-1]), dense(tokens[:, :-1]), **TIGHT)  # gathered logits
 
 
-@pytest.mark.parametrize("arch", [LLAMA, GPT2], ids=["llama-gqa-qknorm", "gpt2"])
+@pytest.mark.parametrize("arch", [LLAMA, GPT2, BERT], ids=["llama-gqa-qknorm", "gpt2", "bert"])
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_tp2_loss_and_gradients_equal_tp1(arch, sp):
     run_distributed(2, _check_step, arch + [f"parallel.sequence_parallel={str(sp).lower()}"])

@@ -26,7 +26,8 @@ from torch.distributed import ProcessGroup
 
 from megamu.model.mup import Role, assign_linear_roles, assign_role
 from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, ParallelReadout,
-                                    RowParallelLinear, TensorParallelInput, VocabParallelEmbedding, tag_parameter)
+                                    ReplicatedLinear, RowParallelLinear, TensorParallelInput, VocabParallelEmbedding,
+                                    tag_parameter)
 from megamu.parallel.random import activation_checkpoint, get_rng_tracker
 
 
@@ -71,7 +72,7 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with gain and bias, computed in fp32 (GPT-2 style)."""
+    """LayerNorm with gain and bias, computed in fp32 (GPT-2 and BERT style)."""
 
     def __init__(self, dim: int, eps: float, partial_grad: bool = False) -> None:
         super().__init__()
@@ -85,7 +86,7 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(arch: str, dim: int, eps: float, partial_grad: bool = False) -> nn.Module:
-    return LayerNorm(dim, eps, partial_grad) if arch == "gpt2" else RMSNorm(dim, eps, partial_grad)
+    return RMSNorm(dim, eps, partial_grad) if arch == "llama" else LayerNorm(dim, eps, partial_grad)
 
 
 class RotaryEmbedding(nn.Module):
@@ -131,7 +132,8 @@ class RotaryEmbedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with grouped-query heads, optional QK-norm and RoPE, through SDPA.
+    """Multi-head attention (causal, or bidirectional for an encoder) with grouped-query heads, optional
+    QK-norm and RoPE, through SDPA; biased q/k/v/o for every arch but llama.
 
     Heads are split across TP ranks: q/k/v column-parallel (rank r holds query heads r·n/tp ... and the kv
     heads they read), o row-parallel. Grouped-query heads go to SDPA as they are (`enable_gqa`): no
@@ -141,16 +143,16 @@ class Attention(nn.Module):
     """
 
     def __init__(self, *, arch: str, hidden_size: int, n_heads: int, n_kv_heads: int, scale: float,
-                 qk_norm: bool, norm_eps: float, rope_theta: float, max_seq_len: int, dropout: float,
-                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False,
-                 recompute_core: bool = False) -> None:
+                 qk_norm: bool, norm_eps: float, rotary: bool, rope_theta: float, max_seq_len: int,
+                 dropout: float, causal: bool = True, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False, recompute_core: bool = False) -> None:
         super().__init__()
         self.recompute_core = recompute_core
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = hidden_size // n_heads
         self.scale = scale
-        self.dropout = dropout
-        bias = arch == "gpt2"
+        self.dropout, self.causal = dropout, causal
+        bias = arch != "llama"
         kv_size = n_kv_heads * self.head_dim
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.enter = TensorParallelInput(**tp)
@@ -166,7 +168,7 @@ class Attention(nn.Module):
         # One gain shared by all heads, and each rank sees only its own heads: partial gradients under TP.
         self.q_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
         self.k_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
-        self.rope = RotaryEmbedding(self.head_dim, rope_theta, max_seq_len) if arch == "llama" else None
+        self.rope = RotaryEmbedding(self.head_dim, rope_theta, max_seq_len) if rotary else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)  # under SP: the full sequence from here to o
@@ -188,7 +190,7 @@ class Attention(nn.Module):
         with _rank_local_rng(self.heads_are_sharded and dropout > 0):
             # Grouped-query: every kv head serves q heads / kv heads consecutive query heads (each TP rank's
             # kv heads serve its own query heads, as the column-parallel q/k/v shards keep the ratio).
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, dropout_p=dropout,
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale, dropout_p=dropout,
                                                  enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
@@ -285,6 +287,27 @@ class EmbeddingLayer(nn.Module):
         if self.input_mult != 1.0:
             x = x * self.input_mult
         return self.dropout(x)
+
+
+class MaskedLMTransform(nn.Module):
+    """BERT's head before the vocabulary projection: final norm, then norm(gelu(dense(x))). It takes the final
+    norm's place among the layers, so the layer list (and the readout's index) stays the decoders'.
+
+    The dense matrix is width × width, a hidden matrix to μP (σ/√m, Adam LR η/m); it is replicated over TP
+    (its output must be normalised whole) and under SP acts on this rank's sequence shard.
+    """
+
+    def __init__(self, hidden_size: int, eps: float, *, group: Optional[ProcessGroup] = None,
+                 sequence_parallel: bool = False) -> None:
+        super().__init__()
+        self.final_norm = LayerNorm(hidden_size, eps, sequence_parallel)
+        self.dense = ReplicatedLinear(hidden_size, hidden_size, bias=True, group=group,
+                                      sequence_parallel=sequence_parallel)
+        self.norm = LayerNorm(hidden_size, eps, sequence_parallel)
+        assign_linear_roles(self.dense, Role.HIDDEN_IN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(F.gelu(self.dense(self.final_norm(x)), approximate="tanh"))
 
 
 class Readout(ParallelReadout):

@@ -1,8 +1,9 @@
-"""The decoder-only transformer as an ordered list of stage-able layers, plus its size and FLOP formulas.
+"""The transformer as an ordered list of stage-able layers, plus its size and FLOP formulas.
 
 `model.layers` = [EmbeddingLayer, Block × n_layers, final norm, ParallelReadout]; each maps one tensor to
 one tensor, and `forward` is a loop over them, so pipeline parallelism can hand the same layers to
-DeepSpeed's PipelineModule.
+DeepSpeed's PipelineModule. Decoders (llama, gpt2) attend causally; bert attends both ways and puts its
+masked-LM transform (final norm, dense, GELU, norm) in the final norm's place, its labels the masked tokens.
 
 Padded vocabulary: the readout emits V_padded logits (cfg.padded_vocab_size(), for fast and TP-divisible
 matmuls). The loss excludes padded entries from the softmax, so they never receive probability; callers
@@ -29,8 +30,8 @@ from torch.distributed import ProcessGroup
 
 from megamu.config import Config, ConfigError, pipeline_blocks
 from megamu.model import mup
-from megamu.model.layers import (Attention, Block, EmbeddingLayer, GeluMLP, LayerNorm, Readout, RMSNorm, SwiGLU,
-                                 make_norm)
+from megamu.model.layers import (Attention, Block, EmbeddingLayer, GeluMLP, LayerNorm, MaskedLMTransform, Readout,
+                                 RMSNorm, SwiGLU, make_norm)
 from megamu.parallel.layers import register_partial_grad_allreduce
 from megamu.parallel.mappings import group_size
 
@@ -43,10 +44,10 @@ def build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: b
     selective = cfg.train.activation_checkpointing == "selective"
     attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
                           scale=mup.attention_scale(cfg), qk_norm=m.qk_norm, norm_eps=m.norm_eps,
-                          rope_theta=m.rope_theta, max_seq_len=m.seq_len, dropout=m.dropout,
-                          recompute_core=selective, **tp)
-    mlp = (GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp) if m.arch == "gpt2"
-           else SwiGLU(m.hidden_size, cfg.ffn_hidden_size, recompute_activation=selective, **tp))
+                          rotary=cfg.rotary, rope_theta=m.rope_theta, max_seq_len=m.seq_len, dropout=m.dropout,
+                          causal=m.arch != "bert", recompute_core=selective, **tp)
+    mlp = (SwiGLU(m.hidden_size, cfg.ffn_hidden_size, recompute_activation=selective, **tp) if m.arch == "llama"
+           else GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp))
     return Block(attention, mlp, attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
                  mlp_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel), dropout=m.dropout,
                  sequence_sharded=sequence_parallel, recompute_block=cfg.train.activation_checkpointing == "full",
@@ -92,15 +93,18 @@ def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None,
     sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
     tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
     embedding = partial(EmbeddingLayer, cfg.padded_vocab_size(), m.hidden_size,
-                        max_seq_len=m.seq_len if m.arch == "gpt2" else None,
+                        max_seq_len=None if cfg.rotary else m.seq_len,
                         input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
     block = partial(build_block, cfg, tp_group, sequence_parallel)
-    final_norm = partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
+    # bert: the masked-LM head's transform, which begins with the final norm, in the final norm's place
+    final_class, final_norm = ((MaskedLMTransform, partial(MaskedLMTransform, m.hidden_size, m.norm_eps, **tp))
+                               if m.arch == "bert" else
+                               (RMSNorm if m.arch == "llama" else LayerNorm,
+                                partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)))
     fused = cfg.train.fused_cross_entropy
     readout = partial(Readout, m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg),
                       fused=fused, pass_input=pipeline and fused, **tp)
-    norm_class = LayerNorm if m.arch == "gpt2" else RMSNorm
-    return [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (norm_class, final_norm), (Readout, readout)]
+    return [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (final_class, final_norm), (Readout, readout)]
 
 
 class Transformer(nn.Module):
@@ -146,7 +150,7 @@ def check_buildable(cfg: Config, tp_group: Optional[ProcessGroup]) -> None:
     """ConfigError when the model cannot be built from `cfg` on a TP group of this size."""
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size is unset: set it, or let the trainer fill it from data.tokenizer_model")
-    if cfg.model.arch == "llama" and cfg.head_dim % 2:
+    if cfg.rotary and cfg.head_dim % 2:
         raise ConfigError(f"RoPE needs an even head dimension, got hidden_size/n_heads = {cfg.head_dim}; "
                           f"change model.n_heads or model.hidden_size")
     if group_size(tp_group) != cfg.parallel.tensor:
@@ -175,7 +179,7 @@ def param_counts(cfg: Config) -> dict[str, int]:
     m = cfg.model
     h, hd, ffn = m.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     kv = cfg.kv_heads * hd
-    gpt2 = m.arch == "gpt2"
+    gpt2 = m.arch != "llama"  # gpt2 and bert: LayerNorm, biases, GELU MLP
     norm = 2 * h if gpt2 else h  # LayerNorm has a bias
     head_norm = (2 * hd if gpt2 else hd) if m.qk_norm else 0
     attention = 2 * h * h + 2 * h * kv + 2 * head_norm + ((2 * h + 2 * kv) if gpt2 else 0)
@@ -183,8 +187,9 @@ def param_counts(cfg: Config) -> dict[str, int]:
     per_block = attention + mlp + 2 * norm
     vocab = cfg.padded_vocab_size()
     readout = vocab * h
-    embedding = vocab * h + (m.seq_len * h if gpt2 else 0)
-    non_embedding = m.n_layers * per_block + norm + readout
+    embedding = vocab * h + (0 if cfg.rotary else m.seq_len * h)
+    head = h * h + h + norm if m.arch == "bert" else 0  # the masked-LM transform: dense and its norm
+    non_embedding = m.n_layers * per_block + norm + head + readout
     return {"total": non_embedding + embedding, "non_embedding": non_embedding}
 
 

@@ -166,6 +166,25 @@ class RowParallelLinear(TensorParallelLayer):
         return y + self.bias if self.bias is not None else y
 
 
+class ReplicatedLinear(TensorParallelLayer):
+    """y = x Wᵀ + b with the whole W on every TP rank, applied to replicated (or, under SP, sequence-sharded)
+    activations outside any TP region: for a small matrix whose output a norm must see whole. Under SP each
+    rank sees only its sequence shard, so its gradients are partial and summed over TP."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, *,
+                 group: Optional[ProcessGroup] = None, sequence_parallel: bool = False) -> None:
+        super().__init__(group, sequence_parallel)
+        self.in_features, self.out_features = in_features, out_features
+        partial = self.sequence_parallel
+        self.weight = tag_parameter(nn.Parameter(torch.empty(out_features, in_features)), None, self.tp_size,
+                                    partial_grad=partial)
+        self.bias = (tag_parameter(nn.Parameter(torch.empty(out_features)), None, self.tp_size, partial_grad=partial)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 class VocabParallelEmbedding(TensorParallelLayer):
     """Token embedding with the (padded) vocabulary split across TP ranks: each rank looks up the ids in its
     slice (zeros elsewhere) and the ranks' rows are summed (all-reduce, or reduce-scatter under SP, which
@@ -252,6 +271,7 @@ class ParallelReadout(TensorParallelLayer):
         return f"in_features={self.in_features}, vocab_size={self.vocab_size}, {super().extra_repr()}"
 
 
-__all__ = ["ColumnParallelLinear", "ParallelPositionEmbedding", "ParallelReadout", "RowParallelLinear",
+__all__ = ["ColumnParallelLinear", "ParallelPositionEmbedding", "ParallelReadout", "ReplicatedLinear",
+           "RowParallelLinear",
            "TensorParallelInput", "TensorParallelLayer", "VocabParallelEmbedding",
            "register_partial_grad_allreduce", "tag_parameter"]
