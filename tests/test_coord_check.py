@@ -1,4 +1,4 @@
-"""Coordinate check: flat under μP, growing under SP, not flat when one μP rule is broken, and widened
+"""Coordinate check: flat under μP, growing under SP (llama and bert), not flat when one μP rule is broken, and widened
 by the ladder's width rule (head dim 16 here: 4 to 32 heads over widths 64 to 512)."""
 import json
 
@@ -23,12 +23,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SMALL = ["model.vocab_size=32", "model.n_layers=2", "model.n_heads=4", "model.seq_len=16", "model.hidden_size=64",
          "mup.base_hidden_size=64", "train.lr=3e-3"]
+# The decoder (llama) and the encoder (bert: bidirectional, masked-LM head, masked batches; id 3 as the mask).
+ARCHS = {"llama": [], "bert": ["model.arch=bert", "data.mask_token_id=3"]}
 
 
-def small_cfg():
+def small_cfg(arch: str = "llama"):
     # Tiny vocabulary and one short sequence per step: the updates stay correlated with the activations
     # they act on, so finite-width noise does not swamp the width trend at these small widths.
-    return load_config(None, SMALL)
+    return load_config(None, SMALL + ARCHS[arch])
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +39,24 @@ def batches():
 
 
 @pytest.fixture(scope="module")
-def mup_result(batches):
-    return coord_check.run_coord_check(small_cfg(), WIDTHS, STEPS, batches, mup_enabled=True)
+def results(batches):
+    """(arch, mup_enabled) → the coordinate check of that arch's small model, computed once."""
+    cache = {}
+
+    def result(arch: str, mup_enabled: bool) -> dict:
+        if (arch, mup_enabled) not in cache:
+            cfg = small_cfg(arch)
+            arch_batches = batches if arch == "llama" else coord_check.token_batches(cfg, STEPS + 1, batch_size=1)
+            cache[arch, mup_enabled] = coord_check.run_coord_check(cfg, WIDTHS, STEPS, arch_batches,
+                                                                   mup_enabled=mup_enabled)
+        return cache[arch, mup_enabled]
+
+    return result
 
 
 @pytest.fixture(scope="module")
-def sp_result(batches):
-    return coord_check.run_coord_check(small_cfg(), WIDTHS, STEPS, batches, mup_enabled=False)
+def mup_result(results):
+    return results("llama", True)
 
 
 def test_records_cover_every_block_module_width_and_step(mup_result):
@@ -58,14 +71,16 @@ def test_records_cover_every_block_module_width_and_step(mup_result):
     json.dumps(mup_result)
 
 
-def test_mup_is_flat_after_training_steps(mup_result):
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_mup_is_flat_after_training_steps(results, arch):
     for step in range(STEPS + 1):
-        slopes = coord_check.slopes(mup_result, step)
+        slopes = coord_check.slopes(results(arch, True), step)
         assert max(abs(s) for s in slopes.values()) < FLAT, (step, slopes)
 
 
-def test_sp_logits_grow_with_width(sp_result):
-    slopes = coord_check.slopes(sp_result, STEPS)
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_sp_logits_grow_with_width(results, arch):
+    slopes = coord_check.slopes(results(arch, False), STEPS)
     assert slopes["logits"] > GROWING, slopes
     assert slopes["block1.mlp"] > GROWING, slopes
 

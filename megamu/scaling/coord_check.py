@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from megamu.config import Config, ConfigError
+from megamu.data.masking import inputs_and_labels, objective_batch
 from megamu.model import build_model, mup
 from megamu.model.layers import Block, EmbeddingLayer
 from megamu.parallel.layers import ParallelReadout
@@ -30,7 +31,8 @@ from megamu.scaling.widths import config_at_width
 def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Optional[str] = None,
                   seed: int = 0) -> list[torch.Tensor]:
     """`n_batches` LongTensors [batch_size, seq_len + 1]: consecutive windows of the tokenized documents at
-    `data_prefix` (a .bin/.idx prefix), or deterministic uniform random tokens when it is None."""
+    `data_prefix` (a .bin/.idx prefix), or deterministic uniform random tokens when it is None; for bert
+    masked-LM batches [batch_size, 2, seq_len] of those windows (megamu.data.masking)."""
     window = cfg.model.seq_len + 1
     needed = n_batches * batch_size * window
     if data_prefix is None:
@@ -54,7 +56,8 @@ def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Opt
         if int(tokens.max()) >= cfg.model.vocab_size:
             raise ConfigError(f"{data_prefix}: token id {int(tokens.max())} ≥ model.vocab_size "
                               f"{cfg.model.vocab_size}; use the tokenizer the data was made with")
-    return list(tokens.view(n_batches, batch_size, window))
+    return [objective_batch(cfg, batch, seed, i * batch_size)
+            for i, batch in enumerate(tokens.view(n_batches, batch_size, window))]
 
 
 def width_config(cfg: Config, width: int, mup_enabled: bool) -> Config:
@@ -102,7 +105,8 @@ def _width_records(cfg: Config, batches: Sequence[torch.Tensor], steps: int) -> 
     try:
         for step_now in range(steps + 1):
             batch = batches[step_now % len(batches)]
-            loss = model(batch[:, :-1], labels=batch[:, 1:])
+            inputs, labels = inputs_and_labels(batch)
+            loss = model(inputs, labels=labels)
             if step_now < steps:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -115,6 +115,7 @@ class Trainer:
     def _build(self) -> None:
         """Data, engine and run metadata: everything after the watchdog starts."""
         from megamu.data import build_datasets
+        from megamu.data.masking import objective_datasets
         from megamu.model import flops_per_token, param_counts
         from megamu.parallel.random import seed_tensor_parallel_rng
 
@@ -126,8 +127,8 @@ class Trainer:
         _seed_everything(t.seed)
         # Dropout inside TP regions draws from a per-TP-rank stream (megamu.parallel.random).
         seed_tensor_parallel_rng(t.seed, self.state.get_tensor_model_parallel_group())
-        self.datasets = build_datasets(cfg, {"train": self.train_samples,
-                                             "valid": t.eval_iters * t.global_batch_size})
+        self.datasets = objective_datasets(cfg, build_datasets(cfg, {"train": self.train_samples,
+                                                                     "valid": t.eval_iters * t.global_batch_size}))
         self.bytes_per_token = _bytes_per_token(cfg)
         self.optimizer_step = build_engine(cfg, self.ds_config, self.state)
         self.engine = self.optimizer_step.engine  # the DeepSpeed engine: evaluation and checkpoints

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megamu.config import Config, TrainConfig
+from megamu.data.masking import inputs_and_labels
 from megamu.parallel.pipeline_grid import check_pipeline_grid, pipeline_topology
 from megamu.parallel.state import ParallelState
 from megamu.parallel.state import any_rank
@@ -112,7 +113,7 @@ class PipelineOptimizerStep(OptimizerStep):
 
 def _inputs_and_labels(micro_batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(inputs, labels) as the pipeline engine loads them: inputs on the first stage, labels on the last."""
-    return [(tokens[:, :-1], tokens[:, 1:]) for tokens in micro_batches]
+    return [inputs_and_labels(batch) for batch in micro_batches]
 
 
 def build_pipeline_engine(cfg: Config, ds_config: dict, state: ParallelState) -> PipelineOptimizerStep:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megamu.config import TrainConfig
+from megamu.data.masking import inputs_and_labels
 from megamu.parallel.state import any_rank
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
@@ -138,8 +139,8 @@ class OptimizerStep:
         micro_losses = []
         accumulation = engine.gradient_accumulation_steps()
         for micro_step in range(accumulation):
-            tokens = next(batches).to(engine.device, non_blocking=True)
-            loss = engine(tokens[:, :-1], labels=tokens[:, 1:])
+            inputs, labels = inputs_and_labels(next(batches).to(engine.device, non_blocking=True))
+            loss = engine(inputs, labels=labels)
             engine.backward(loss)
             micro_losses.append(loss.detach().float())
             if micro_step < accumulation - 1:
@@ -162,9 +163,9 @@ class OptimizerStep:
         engine.eval()
         total, count = torch.zeros((), dtype=torch.float64, device=engine.device), 0
         with torch.no_grad():
-            for tokens in batches:
-                tokens = tokens.to(engine.device, non_blocking=True)
-                total += engine(tokens[:, :-1], labels=tokens[:, 1:]).double()  # summed on the device: no sync
+            for batch in batches:
+                inputs, labels = inputs_and_labels(batch.to(engine.device, non_blocking=True))
+                total += engine(inputs, labels=labels).double()  # summed on the device: no sync
                 count += 1
         engine.train()
         return group_mean(total, count, self.dp_group)

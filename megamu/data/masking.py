@@ -1,0 +1,105 @@
+"""Masked-language-model (BERT) samples from megamu's GPT samples: (input ids, labels) per sample.
+
+A GPT sample holds seq_len + 1 tokens; the first seq_len are the text. Of them exactly
+round(data.mlm_probability · seq_len) positions (at least one) are predicted: their label is the original
+token, every other label is IGNORE_INDEX. Of the predicted positions, round(mlm_mask_fraction · k) take the
+mask id, round(mlm_random_fraction · k) a uniformly random token of the vocabulary, and the rest keep their
+token (BERT's 80/10/10 rule by default). Exact counts rather than per-token coin flips: no sample is left
+without a label, and the fractions hold for every sample.
+
+The mask id is data.mask_token_id, which config.resolve fills with the tokenizer's <pad> id: megamu's
+SentencePiece models reserve id 3 for <pad> and encoding never produces it, so it stands for [MASK] without
+a new piece in the tokenizer.
+
+Deterministic per sample: sample i of a split is masked by a generator seeded with (seed, i), where i is
+its position in the split's shuffled order, so the masks do not depend on data-parallel size, loader
+workers or where a run resumed. A micro batch is one LongTensor [micro, 2, seq_len] (inputs, labels), so
+loaders, pinning and device transfer treat it as they treat GPT's [micro, seq_len + 1] tokens;
+`inputs_and_labels` tells them apart.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from megamu.config import Config, ConfigError
+
+IGNORE_INDEX = -100  # labels the loss skips (torch's and megamu.parallel's ignore index; data sits below both)
+# Validation masks use this seed, not train.seed: runs that differ only in their seed score the same masks.
+EVAL_MASK_SEED = 0
+
+
+@dataclass(frozen=True)
+class Masking:
+    probability: float
+    mask_fraction: float
+    random_fraction: float
+    mask_id: int
+    vocab_size: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Masking":
+        d = cfg.data
+        if d.mask_token_id is None:
+            raise ConfigError("model.arch=bert needs data.mask_token_id (or data.tokenizer_model with a <pad> id, "
+                              "which megamu-train reads it from); set one")
+        return cls(d.mlm_probability, d.mlm_mask_fraction, d.mlm_random_fraction, d.mask_token_id,
+                   cfg.model.vocab_size)
+
+    def sample(self, tokens: np.ndarray, seed: int, index: int) -> np.ndarray:
+        """[2, seq_len] int64 (inputs, labels) of GPT sample `index` (`tokens`: its seq_len + 1 ids)."""
+        text = np.asarray(tokens[:-1], dtype=np.int64)
+        rng = np.random.default_rng([seed, index])
+        n = len(text)
+        chosen = rng.permutation(n)[:max(1, round(self.probability * n))]
+        n_mask = round(self.mask_fraction * len(chosen))
+        n_random = min(round(self.random_fraction * len(chosen)), len(chosen) - n_mask)
+        labels = np.full(n, IGNORE_INDEX, dtype=np.int64)
+        labels[chosen] = text[chosen]
+        inputs = text.copy()
+        inputs[chosen[:n_mask]] = self.mask_id
+        inputs[chosen[n_mask:n_mask + n_random]] = rng.integers(0, self.vocab_size, n_random)
+        return np.stack([inputs, labels])
+
+
+class MaskedLMDataset:
+    """A GPT-sample dataset whose sample i is `masking.sample(...)` of its sample i, seeded by `seed`."""
+
+    def __init__(self, dataset: Any, masking: Masking, seed: int) -> None:
+        self.dataset, self.masking, self.seed = dataset, masking, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {"tokens": self.masking.sample(self.dataset[i]["tokens"], self.seed, i)}
+
+
+def objective_datasets(cfg: Config, datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """The split datasets the trainer draws from: GPT samples as they are for decoders, masked for bert."""
+    if cfg.model.arch != "bert":
+        return dict(datasets)
+    masking = Masking.from_config(cfg)
+    return {split: MaskedLMDataset(dataset, masking, cfg.train.seed if split == "train" else EVAL_MASK_SEED)
+            for split, dataset in datasets.items()}
+
+
+def inputs_and_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A micro batch → (input ids, labels): [micro, 2, seq_len] masked-LM samples are split, GPT tokens
+    [micro, seq_len + 1] shifted by one (the labels are the next tokens)."""
+    if batch.dim() == 3:
+        return batch[:, 0], batch[:, 1]
+    return batch[:, :-1], batch[:, 1:]
+
+
+def objective_batch(cfg: Config, tokens: torch.Tensor, seed: int, first_index: int = 0) -> torch.Tensor:
+    """GPT tokens [micro, seq_len + 1] as the trainer's loader gives them for cfg's arch: unchanged for decoders,
+    masked-LM samples first_index, first_index + 1, ... for bert."""
+    if cfg.model.arch != "bert":
+        return tokens
+    masking = Masking.from_config(cfg)
+    return torch.from_numpy(np.stack([masking.sample(row.numpy(), seed, first_index + b)
+                                      for b, row in enumerate(tokens)]))
