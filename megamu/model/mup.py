@@ -11,6 +11,13 @@ owns it once it has built its (parallel) layers (`assign_role`); the parallel la
 | readout                 | 0 if zero_readout else σ       | η        | (AdamW) | 0 (wd_on_embeddings)    |
 | norm / bias             | 1 / 0                          | η        | (AdamW) | 0                       |
 
+Encoder (model.arch=bert) roles are these same ones: learned positions are `position` (width-sized rows of a
+fixed-size table, like the embedding); the masked-LM head's transform (width × width dense before its norm)
+is `hidden_in` (both dimensions grow with width, so its Adam update must shrink as η/m like any block
+matrix; not `hidden_out`, as it adds nothing to the residual stream); its norm gain and biases are
+`norm`/`bias`; the decoder (vocabulary projection) is `readout`, with logits × α_out/m. Bidirectional
+attention changes no scale: scores still take α_attn/d_head.
+
 Hidden learning rate per optimizer (`hidden_lr_mult`). μP asks that a hidden matrix's update change its
 output coordinates by Θ(1) whatever the width; equivalently (the spectral view) that ‖ΔW‖₂ scale like
 √(fan_out/fan_in). Adam's update is elementwise ±η-sized, so its spectral norm grows like the width n and
