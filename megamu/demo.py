@@ -41,7 +41,10 @@ def banner(text: str) -> None:
     print(f"\n=== {text} " + "=" * max(0, 72 - len(text)), flush=True)
 
 
-def prepare_sample_data(data_dir: str = "data", documents: int = 600, vocab_size: int = 4096,
+DEMO_VOCAB = 1024  # at 4096, embeddings would be most of a narrow rung's params (w16: 131k of 139k)
+
+
+def prepare_sample_data(data_dir: str = "data", documents: int = 600, vocab_size: int = DEMO_VOCAB,
                         tokenizer_sentences: int = 20_000, workers: int = 2) -> SampleData:
     """Tokenizer + .bin/.idx for the first `documents` files of the sample corpus (reused if present with
     this vocabulary size, else rebuilt).
@@ -102,7 +105,6 @@ MUP_PROXY = "mup_proxy"  # the shipped config
 DEMO_OVERRIDES = ["mup.zero_readout=false", "model.ffn_multiple_of=1", "train.max_steps=200",
                   "train.micro_batch_size=32", "train.global_batch_size=32", "train.warmup_steps=50",
                   "train.min_lr_ratio=0.0", "train.eval_iters=44", "log.interval=1"]
-DEMO_VOCAB = 1024  # at 4096, embeddings would be most of a narrow rung's params (w16: 131k of 139k)
 DEMO_LRS = [2.0 ** e for e in (-9, -8, -7, -6)]  # centred on the optimum at this budget
 DEMO_WIDTHS = [16, 32, 48, 64, 80, 96, 112, 128]  # the last is held out
 # One ladder per seed, fitted with seed offsets. The sweep runs at the config's seed (1234), not these: the
@@ -219,7 +221,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--documents", type=int, default=600, help="sample-corpus files to use")
     parser.add_argument("--parallel", type=int, default=2, help="training runs at a time in the μScaling stages")
     args = parser.parse_args(argv)
-    data = prepare_sample_data(args.data_dir, documents=args.documents, vocab_size=DEMO_VOCAB)
+    data = prepare_sample_data(args.data_dir, documents=args.documents)
     banner("decoded samples from the memmapped dataset")
     show_samples(data)
     muscaling(data, os.path.join(args.out, "muscaling"), args.parallel)
