@@ -92,16 +92,16 @@ def show_samples(data: SampleData, count: int = 2, chars: int = 240) -> None:
 # ---- μScaling stages: sweep the proxy, transfer to a width ladder, predict the largest -------
 MUP_PROXY = "mup_proxy"  # the shipped config
 # The demo's budget for every run (sweep and ladder), chosen by measurement (BENCHMARKS.md, "make demo").
-# mup.zero_readout=false: with the readout at zero, these 2-layer proxies sat on the unigram plateau (~5.8) for a
-# random 25-70 steps, so final losses spread 3-7% between seeds and did not fall with width; a σ-initialised
-# readout leaves it at once (loss 4.3 instead of 5.0 at this budget, seed spread < 1% at most widths).
+# mup.zero_readout=false: with the readout at zero, these 2-layer proxies sat on the unigram plateau (~5.8) for
+# tens of steps, a different number per seed, so final losses spread 4-7% between seeds and did not fall with
+# width; a σ-initialised readout leaves it at once (val loss 4.3 instead of 5.0 at width 48).
 # train.warmup_steps=50: with 20, a rung could spike at peak η (grad norm 6.5 at step 19 at width 32, seed 1) and
 # end 7% above its other seed; with 50 the two seeds ended 0.4% apart.
 # model.ffn_multiple_of=1: the MLP is 8/3 of every width, not rounded up to 64 (4× at width 32, 2.67× at 96,
 # 2.86× at 112), so the rungs differ in width only.
-# Batch 32 × 200 steps: twice the tokens of 16 × 300 for about the same CPU (small widths are overhead-bound).
+# Batch 32 × 200 steps: a third more tokens than 16 × 300 for the same CPU (small widths are overhead-bound).
 # The learning rate is annealed to 0 so the final weights do not carry the last batches' noise; 44 eval
-# batches × 32 × 64 tokens cover the whole validation split. log.interval=1 keeps every step's loss.
+# batches × 32 × 64 tokens cover 97% of the validation split. log.interval=1 keeps every step's loss.
 DEMO_OVERRIDES = ["mup.zero_readout=false", "model.ffn_multiple_of=1", "train.max_steps=200",
                   "train.micro_batch_size=32", "train.global_batch_size=32", "train.warmup_steps=50",
                   "train.min_lr_ratio=0.0", "train.eval_iters=44", "log.interval=1"]
