@@ -1,6 +1,6 @@
 """model.arch=bert: config keys and refusals, the bidirectional encoder with its masked-LM head and μP roles,
 masked-LM samples (counts, labels, determinism per seed and sample), and a run through the trainer (the
-loss falls, resume is exact). μP = SP at the base width and TP=2 = TP=1 are in test_mup.py and
+loss falls, resume is exact), a ladder of bert rungs. μP = SP at the base width and TP=2 = TP=1 are in test_mup.py and
 test_tp_model.py, the coordinate check in test_coord_check.py, parametrized over bert."""
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from megamu.cli import generate as generate_tool
 from megamu.config import ConfigError, fill_mask_token_id, load_config
 from megamu.data.masking import IGNORE_INDEX, Masking, inputs_and_labels, objective_datasets
 from megamu.model import build_model, mup, param_counts
+from megamu.scaling.ladder import TokenBudget, plan_ladder
+from test_ladder import base_config  # noqa: F401 (a fixture)
 from test_train_e2e import MAX_STEPS, losses, train_ok, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -122,7 +125,7 @@ def test_masked_datasets_give_inputs_and_labels_and_decoders_are_unchanged():
 
 # ---- trainer --------------------------------------------------------------------------------------
 
-def test_trainer_runs_bert_the_loss_falls_and_resume_is_exact(tmp_path, tiny_tokenizer, tiny_dataset_prefix):
+def test_trainer_runs_bert_the_loss_falls_and_resume_is_exact(tmp_path, tiny_tokenizer, tiny_dataset_prefix, capsys):
     config = write_config(str(tmp_path / "bert.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
                           str(tmp_path / "runs"))
     # The mask id is the tokenizer's <pad>, filled in by resolve; positions rotary, to cover both kinds.
@@ -133,3 +136,17 @@ def test_trainer_runs_bert_the_loss_falls_and_resume_is_exact(tmp_path, tiny_tok
     train_ok(config, stopped, *bert, "train.stop_at_step=3")
     train_ok(config, stopped, *bert, "train.resume=true")
     assert losses(str(stopped)) == whole  # bitwise: the masks depend on the sample, not on the resume
+    assert generate_tool.main([str(stopped), "--prompt", "the"]) == 2  # a decoder's tool refuses an encoder
+    assert "masked-LM encoder" in capsys.readouterr().err
+
+
+# ---- μScaling ------------------------------------------------------------------------------------
+
+def test_a_bert_ladder_is_planned_with_the_encoders_parameter_counts(base_config, tmp_path):
+    bert = ["model.arch=bert", "data.mask_token_id=3"]
+    specs = plan_ladder(base_config, bert, [64, 128], TokenBudget(tokens_per_param=0.5), str(tmp_path / "l"))
+    for spec in specs:
+        rung = load_config(spec.config, spec.overrides)
+        assert rung.model.arch == "bert" and rung.model.hidden_size == spec.labels["width"]
+        model_params = sum(p.numel() for p in build_model(rung).parameters())
+        assert spec.labels["params"] == param_counts(rung)["total"] == model_params

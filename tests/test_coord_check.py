@@ -1,5 +1,5 @@
-"""Coordinate check: flat under μP, growing under SP (llama and bert), not flat when one μP rule is broken, and widened
-by the ladder's width rule (head dim 16 here: 4 to 32 heads over widths 64 to 512)."""
+"""Coordinate check: flat under μP, growing under SP (llama and bert), not flat when one μP rule is broken,
+and widened by the ladder's width rule (head dim 16 here: 4 to 32 heads over widths 64 to 512)."""
 import json
 
 import pytest
