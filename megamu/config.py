@@ -321,9 +321,6 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
              f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
              f"set model.ffn_hidden_size to a multiple of it")
     _validate_pipeline(cfg)
-    _require(not (m.arch == "bert" and p.pipeline > 1),
-             f"model.arch=bert with parallel.pipeline={p.pipeline}: pipeline parallelism is not implemented for bert "
-             f"yet; set parallel.pipeline=1")
     _require(not (p.sequence_parallel and m.seq_len % p.tensor),
              f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
     _require(t.schedule in ("cosine", "wsd", "constant"),
