@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from megamu.errors import FitError
+from megamu.scaling import forecast as forecast_module
 from megamu.scaling.baselines import chinchilla3_fit, nanolm_fit
 from megamu.scaling.forecast import ND_FORMS, FitOptions, forecast, size_bins
 from megamu.scaling.forms import FORMS, design, fit_form
@@ -89,6 +90,23 @@ def test_forms_degenerate_on_every_fold_do_not_block_the_choice():
     result = forecast({"params": n, "tokens": d}, over_law(n, d, 0.3), n, n < n.max(), ND_FORMS)
     assert result.form == "cm_over" and result.folds > 0, result.reason
     assert result.cv_errors[FORMS["nd_sum"].label] is None and result.cv_errors[FORMS["nd_tied"].label] is None
+
+
+def test_a_choice_that_cannot_be_refitted_on_every_run_gives_way_to_the_next(monkeypatch):
+    x = np.geomspace(1e6, 1e9, 9)
+    loss = noisy(30 * x**-0.3 + 2.5, seed=2, sd=0.0005)
+    fitted = x < 5e8
+    real_fit = forecast_module.fit_form
+
+    def degenerate_on_all_runs(form, z, loss_fitted, *args):
+        if form.name == "x_floor" and len(loss_fitted) == fitted.sum():
+            raise FitError("degenerate here")
+        return real_fit(form, z, loss_fitted, *args)
+
+    monkeypatch.setattr(forecast_module, "fit_form", degenerate_on_all_runs)
+    result = forecast({"x": x}, loss, x, fitted, ["x_floor", "x_pure"])
+    assert result.form == "x_pure"
+    assert "a*x^b+c could not be refitted on every run (degenerate here)" in result.reason
 
 
 @pytest.mark.parametrize("truth, expected", [

@@ -183,9 +183,12 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
     per_fold = {v: np.array([np.mean(np.abs(np.expm1(folds[v][k][0]))) for k in common]) for v in competing}
     scores = {_label(v, with_options): float(per_fold[v].mean()) if v in per_fold and common else None
               for v in variants}
+    # What the one-SE rule's standard error is taken over: the folds' means, or the points of a single fold.
+    spread = per_fold if len(common) != 1 else \
+        {v: np.abs(np.expm1(folds[v][common[0]][0])) for v in competing}
     refused, why_refused = [], []
     while True:  # the choice refitted on every fitted run; one that is degenerate there gives way to the next
-        chosen, reason = _choose([v for v in competing if v not in refused], per_fold, with_options)
+        chosen, reason = _choose([v for v in competing if v not in refused], per_fold, spread, with_options)
         form = FORMS[chosen.form]
         used = fitted if chosen.min_ratio == 0 else fitted & (ratio >= chosen.min_ratio)
         try:
@@ -220,16 +223,19 @@ def _label(variant: Variant, with_options: bool) -> str:
     return label + (f" on D/N >= {variant.min_ratio:g}" if variant.min_ratio else "")
 
 
-def _choose(variants: list, per_fold: dict, with_options: bool) -> tuple:
+def _choose(variants: list, per_fold: dict, spread: dict, with_options: bool) -> tuple:
     """The one-standard-error rule: the variant with the fewest parameters whose mean fold error is within one
-    standard error (over folds) of the best; a richer form must earn its parameters beyond fold-to-fold noise.
-    Among equally many parameters the smallest error wins."""
+    standard error of the best; a richer form must earn its parameters beyond fold-to-fold noise. The standard
+    error is over folds, or with a single fold over its points (`spread`): one fold has no fold-to-fold
+    spread, and a zero standard error would let a richer form win by any margin. Among equally many
+    parameters the smallest error wins."""
     folds = len(next(iter(per_fold.values())))
     if not folds:
         return variants[0], f"no fold every form could be fitted on: {_label(variants[0], with_options)} by default"
     means = {v: float(per_fold[v].mean()) for v in variants}
     best = min(variants, key=lambda v: means[v])
-    se = float(per_fold[best].std(ddof=1) / np.sqrt(folds)) if folds > 1 else 0.0
+    n = len(spread[best])
+    se = float(spread[best].std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
     chosen = min((v for v in variants if means[v] <= means[best] + se),
                  key=lambda v: (FORMS[v.form].n_params, means[v]))
     others = ", ".join(f"{_label(v, with_options)} {means[v] * 100:.2f}%" for v in variants if v != chosen)
