@@ -48,6 +48,9 @@ def test_mask_id_comes_from_the_tokenizers_pad_or_is_asked_for(tiny_tokenizer):
     cfg = tiny_cfg("model.arch=bert", f"data.tokenizer_model={tiny_tokenizer.model_path}")
     fill_mask_token_id(cfg)
     assert cfg.data.mask_token_id == tiny_tokenizer.pad_id == 3
+    # The coordinate check and the datasets build their masking from a config the trainer did not resolve.
+    masking = Masking.from_config(tiny_cfg("model.arch=bert", f"data.tokenizer_model={tiny_tokenizer.model_path}"))
+    assert masking.mask_id == 3 and masking.vocab_size == VOCAB
     with pytest.raises(ConfigError, match="needs a mask token: data.mask_token_id is unset"):
         fill_mask_token_id(tiny_cfg("model.arch=bert"))
 

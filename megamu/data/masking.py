@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from megamu.config import Config, ConfigError
+from megamu.config import Config, fill_mask_token_id
 
 IGNORE_INDEX = -100  # labels the loss skips (torch's and megamu.parallel's ignore index; data sits below both)
 # Validation masks use this seed, not train.seed: runs that differ only in their seed score the same masks.
@@ -42,10 +42,8 @@ class Masking:
 
     @classmethod
     def from_config(cls, cfg: Config) -> "Masking":
+        fill_mask_token_id(cfg)  # the tokenizer's <pad> when unset, or a ConfigError saying what to set
         d = cfg.data
-        if d.mask_token_id is None:
-            raise ConfigError("model.arch=bert needs data.mask_token_id (or data.tokenizer_model with a <pad> id, "
-                              "which megamu-train reads it from); set one")
         return cls(d.mlm_probability, d.mlm_mask_fraction, d.mlm_random_fraction, d.mask_token_id,
                    cfg.model.vocab_size)
 
