@@ -1,7 +1,7 @@
 """μTransfer check: final loss vs log2(η) at widths 64..512, under μP and under SP, on the sample corpus.
 
     python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 300] [--parallel 2]
-        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR]
+        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR] [--arch bert]
 
 Model: the shipped mup_proxy config (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
 the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
@@ -9,6 +9,7 @@ SP: mup.enabled=false. At width 64 (m = 1) μP and SP are the same model with th
 tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ (or
 --figures) and prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept;
 --report-only tabulates what has finished (e.g. a wide width run at fewer η) without launching.
+`--arch bert` runs the same proxy as an encoder (masked-LM loss; figures mutransfer_bert_{mup,sp}.png).
 """
 from __future__ import annotations
 
@@ -120,12 +121,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="launch nothing: tabulate and plot the runs that finished (n/a for the others)")
     parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
+    parser.add_argument("--arch", default="llama", choices=("llama", "bert"), help="model.arch of the proxy")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
     rule = MetricRule(metric=args.metric, smooth=10)
     overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
                  f"train.micro_batch_size={args.batch}"]
+    if args.arch != "llama":  # the decoder's runs keep their overrides (and so their finished runs)
+        overrides.append(f"model.arch={args.arch}")
+    figure_prefix = "mutransfer" if args.arch == "llama" else f"mutransfer_{args.arch}"
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
     start = time.time()
     mup_dir, sp_dir = os.path.join(args.out, "mup"), os.path.join(args.out, "sp")
@@ -141,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(args.figures, exist_ok=True)
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
-        plot_loss_vs_value(results, os.path.join(args.figures, f"mutransfer_{name}.png"), rule.metric,
+        plot_loss_vs_value(results, os.path.join(args.figures, f"{figure_prefix}_{name}.png"), rule.metric,
                            title=f"{label}: {score} vs log2(η), {args.steps} steps × {args.batch} sequences")
     step = min(b - a for a, b in zip(sorted(log2s), sorted(log2s)[1:]))
     lines = [*markdown("μP", mup, log2s, widths, score), "", *markdown("SP", sp, log2s, widths, score), "",
