@@ -80,6 +80,7 @@ class DataConfig:
     mlm_mask_fraction: float = 0.8
     mlm_random_fraction: float = 0.1
     mask_token_id: Optional[int] = None  # None = the tokenizer's <pad> id (never in megamu's encoded text)
+    mlm_whole_words: bool = False  # predict whole words (pieces joined by the tokenizer's word boundaries)
 
 
 @dataclass

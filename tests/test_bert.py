@@ -1,7 +1,8 @@
 """model.arch=bert: config keys and refusals, the bidirectional encoder with its masked-LM head and μP roles,
-masked-LM samples (counts, labels, determinism per seed and sample), a run through the trainer (the loss
-falls; PP=2, stopped and resumed, gives the single process's losses), a ladder of bert rungs. μP = SP at the base width and TP=2 = TP=1 are in test_mup.py and
-test_tp_model.py, the coordinate check in test_coord_check.py, parametrized over bert."""
+masked-LM samples (counts, labels, whole words, determinism per seed and sample), a run through the trainer
+(the loss falls; PP=2, stopped and resumed, gives the single process's losses), a ladder of bert rungs.
+μP = SP at the base width and TP=2 = TP=1 are in test_mup.py and test_tp_model.py, the coordinate check in
+test_coord_check.py, parametrized over bert."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 
 from megamu.cli import generate as generate_tool
 from megamu.config import ConfigError, fill_mask_token_id, load_config
-from megamu.data.masking import IGNORE_INDEX, Masking, inputs_and_labels, objective_datasets
+from megamu.data.masking import IGNORE_INDEX, Masking, inputs_and_labels, objective_datasets, word_starts
 from megamu.model import build_model, mup, param_counts
 from megamu.scaling.ladder import TokenBudget, plan_ladder
 from test_ladder import base_config  # noqa: F401 (a fixture)
@@ -108,6 +109,28 @@ def test_masking_is_deterministic_per_seed_and_sample():
     assert np.array_equal(first, masking.sample(tokens, seed=1, index=5))
     assert not np.array_equal(first, masking.sample(tokens, seed=1, index=6))
     assert not np.array_equal(first, masking.sample(tokens, seed=2, index=5))
+
+
+def test_whole_word_masking_predicts_whole_words(tiny_tokenizer):
+    cfg = tiny_cfg(*BERT, "data.mlm_whole_words=true", f"data.tokenizer_model={tiny_tokenizer.model_path}",
+                   f"model.vocab_size={tiny_tokenizer.vocab_size}", "data.mlm_probability=0.3")
+    masking = Masking.from_config(cfg)
+    tokens = np.array(tiny_tokenizer.encode("Tokenisers split unfamiliar words, like antidisestablishment, "
+                                            "into pieces; masking takes whole ones.") + [2])
+    pieces = [tiny_tokenizer.id_to_piece(t) for t in tokens[:-1]]
+    starts = word_starts(tokens[:-1], masking.word_edges)
+    assert all(start == (not p[0].isalnum() or not prev[-1].isalnum())
+               for p, prev, start in zip(pieces[1:], pieces, starts[1:]))
+    words = np.cumsum(starts)
+    assert words[-1] < len(pieces)  # some word spans several pieces
+    for seed in range(5):
+        labels = masking.sample(tokens, seed, index=0)[1]
+        predicted = labels != IGNORE_INDEX
+        assert 1 <= predicted.sum() <= round(0.3 * len(pieces))
+        for word in np.unique(words[predicted]):
+            assert predicted[words == word].all()  # a word is predicted whole or not at all
+    with pytest.raises(ConfigError, match="data.mlm_whole_words=true needs data.tokenizer_model"):
+        Masking.from_config(tiny_cfg(*BERT, "data.mlm_whole_words=true"))
 
 
 def test_masked_datasets_give_inputs_and_labels_and_decoders_are_unchanged():
