@@ -28,12 +28,10 @@ import numpy as np
 import torch
 
 from megamu.config import Config, ConfigError, fill_mask_token_id
+from megamu.data import EVAL_SEED
 from megamu.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels the loss skips (torch's and megamu.parallel's ignore index; data sits below both)
-# Validation masks use this seed, not train.seed: runs that differ only in their seed score the same masks.
-EVAL_MASK_SEED = 0
-
 
 @dataclass(frozen=True)
 class Masking:
@@ -122,7 +120,8 @@ def objective_datasets(cfg: Config, datasets: Mapping[str, Any]) -> dict[str, An
     if cfg.model.arch != "bert":
         return dict(datasets)
     masking = Masking.from_config(cfg)
-    return {split: MaskedLMDataset(dataset, masking, cfg.train.seed if split == "train" else EVAL_MASK_SEED)
+    # Validation masks, like validation samples, take EVAL_SEED: runs differing only in seed score the same masks.
+    return {split: MaskedLMDataset(dataset, masking, cfg.train.seed if split == "train" else EVAL_SEED)
             for split, dataset in datasets.items()}
 
 
