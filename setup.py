@@ -30,6 +30,8 @@ setup(
         "bench": ["transformers>=4.40"],
         # train.fp8: megamu calls torchao's FP8 training matmul, an internal of its Float8Linear
         "fp8": ["torchao>=0.18,<0.19"],
+        # megamu-export-hf: transformers builds the model directory and the tokenizer, saved as safetensors
+        "export": ["transformers>=5", "safetensors>=0.4"],
     },
     entry_points={
         "console_scripts": [
@@ -37,11 +39,17 @@ setup(
             "megamu-preprocess=megamu.cli.preprocess:main",
             "megamu-train-tokenizer=megamu.cli.train_tokenizer:main",
             "megamu-predict=megamu.cli.predict:main",
+            "megamu-plan=megamu.cli.plan:main",
             "megamu-sweep=megamu.cli.sweep:main",
             "megamu-scale=megamu.cli.scale:main",
             "megamu-coord-check=megamu.cli.coord_check:main",
             "megamu-merge=megamu.cli.merge:main",
             "megamu-demo=megamu.demo:main",
+            "megamu-curve=megamu.cli.curve:main",
+            "megamu-export-hf=megamu.cli.export_hf:main",
+            "megamu-generate=megamu.cli.generate:main",
+            "megamu-eval=megamu.cli.evaluate:main",
+            "megamu-import-hf=megamu.cli.import_hf:main",
         ]
     },
 )

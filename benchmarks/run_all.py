@@ -30,6 +30,8 @@ SMOKE = {
     "bench_pipeline.py": [["--micro-batches", "2", "--steps", "4", "--hidden", "64", "--layers", "2", "--seq-len", "32"]],
     "bench_zero_memory.py": [["--smoke"]],
     "bench_forecast.py": [["--only", "gadre2024_refinedweb"]],  # two splits: seconds, not the suite's minutes
+    "bench_curve.py": [["--quick", "--out", os.path.join(OUT, "curve")]],
+    "bench_generate.py": [["--seq-len", "48", "--rounds", "1"]],
     "bench_activation_checkpointing.py": [["--shape", "small", "--steps", "1", "--rounds", "1", "--vocab", "512"]],
     "bench_mutransfer.py": [["--out", os.path.join(OUT, "mutransfer"), "--figures", FIGURES, "--widths", "32,64",
                              "--log2-lrs=-9,-8", "--steps", "2", "--batch", "2"]],  # two η: the table needs a step
