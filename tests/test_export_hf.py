@@ -6,7 +6,8 @@ with the standard class and its logits equal megamu's (fp32: 1e-4 max abs; bf16:
 AutoTokenizer encodes and decodes as megamu's SentencePiece model; a run without a complete checkpoint, an
 unexportable model or layout, or a missing transformers is one `error:` line. Generation: KV-cache logits
 equal the full forward's, greedy tokens equal transformers' generate on the export, sampling is seeded.
-megamu-eval: exact bits per byte against per-token forward passes. Import (megamu-import-hf): the imported
+megamu-eval: exact bits per byte against per-token forward passes. lm-evaluation-harness (its Python API on a local
+task file) scores every choice on the export as megamu's model does. Import (megamu-import-hf): the imported
 model's logits equal transformers', and a real TP=2 run starts from the imported weights. (ZeRO 3 export:
 tests/test_zero3.py, which has the runs.)"""
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megamu.cli.generate import main as generate_main
 from megamu.cli.import_hf import main as import_main
 from megamu.config import Config, load_config, save_config
 from megamu.data.indexed import IndexedDatasetWriter
+from megamu.data.tokenizer import Tokenizer
 from megamu.errors import MegamuWarning
 from megamu.export.decode import KVCache, forward_cached
 from megamu.export.importer import import_hf
@@ -394,3 +396,56 @@ def test_a_normalizing_sentencepiece_model_is_refused(runs, tmp_path, capsys):
     assert export_main([runs["gpt2_pp2"][1], str(tmp_path / "out"), "--tokenizer-model", prefix + ".model"]) == 2
     assert "normalizes text (nmt_nfkc); collapses runs of spaces" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+# A local multiple-choice task for lm-evaluation-harness: the question is the context, each choice follows it
+# after the harness's default " " delimiter; "gold" is the index of the right choice.
+LOCAL_TASK = """task: megamu_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files: {data_file}
+test_split: train
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: gold
+metric_list:
+  - metric: acc
+"""
+LOCAL_ITEMS = [("The sky is", ["blue", "green", "loud"], 0), ("Two plus two is", ["four", "five"], 0),
+               ("Cats like to", ["sleep", "fly", "swim"], 0), ("Water is", ["dry", "wet"], 1),
+               ("Fire is", ["cold", "hot", "blue"], 1), ("The sun rises in the", ["west", "east"], 1)]
+
+
+def continuation_logprob(model: torch.nn.Module, tokenizer: Tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context) by megamu's model, the context's ids being a prefix of the whole text's."""
+    context_ids, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
+    assert whole[:len(context_ids)] == context_ids
+    with torch.no_grad():
+        logprobs = model(torch.tensor([whole]))[0, :-1, :512].log_softmax(-1)
+    return sum(logprobs[i - 1, whole[i]].item() for i in range(len(context_ids), len(whole)))
+
+
+def test_lm_eval_harness_scores_a_local_task_on_the_export_as_megamu_does(runs, exported, tiny_tokenizer, tmp_path):
+    """lm-evaluation-harness's Python API loads the exported llama as its "hf" model and scores a local task file
+    (no download): every choice's log-likelihood and the accuracy equal megamu's own scoring of the items."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    data_file = tmp_path / "items.jsonl"
+    lines = [json.dumps({"question": q, "choices": c, "gold": g}) + "\n" for q, c, g in LOCAL_ITEMS]
+    data_file.write_text("".join(lines))
+    (tmp_path / "megamu_local_mc.yaml").write_text(LOCAL_TASK.format(data_file=data_file))
+    results = lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={exported['llama_tp2']},dtype=float32", tasks=["megamu_local_mc"],
+        device="cpu", batch_size=1, task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    model = runs["llama_tp2"][0]
+    samples = sorted(results["samples"]["megamu_local_mc"], key=lambda sample: sample["doc_id"])
+    correct = []
+    for sample, (question, choices, gold) in zip(samples, LOCAL_ITEMS, strict=True):
+        want = [continuation_logprob(model, tiny_tokenizer, question, " " + choice) for choice in choices]
+        got = [response[0][0] for response in sample["resps"]]
+        assert got == pytest.approx(want, abs=FP32_TOL), question
+        correct.append(max(range(len(want)), key=want.__getitem__) == gold)
+    assert 0 < sum(correct) < len(correct)  # the seeded model gets some right and some wrong: acc is informative
+    assert results["results"]["megamu_local_mc"]["acc,none"] == pytest.approx(sum(correct) / len(correct))
