@@ -26,7 +26,9 @@ setup(
         "wandb": ["wandb>=0.16"],
         "apex": [],  # NVIDIA apex is never required; megamu uses torch-native fused ops.
         # transformers: tests and benchmarks compare with HF LlamaForCausalLM of the same shape
-        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16", "transformers>=4.40", "torchao>=0.18,<0.19"],
+        # lm_eval[hf]: tests/test_export_hf.py scores a local task on an exported model through the harness's API
+        "dev": ["pytest>=7", "pytest-timeout>=2", "wandb>=0.16", "transformers>=4.40", "torchao>=0.18,<0.19",
+                "lm_eval[hf]>=0.4.13,<0.5"],
         "bench": ["transformers>=4.40"],
         # train.fp8: megamu calls torchao's FP8 training matmul, an internal of its Float8Linear
         "fp8": ["torchao>=0.18,<0.19"],
