@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
         [--log2-lrs=-10,-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
-        [--figures DIR]
+        [--figures DIR] [--demo-recipe] [--ladders mup,sp]
 
 Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
 sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
@@ -14,6 +14,12 @@ same η) is the contrast. A rung whose resolved config equals a finished run of 
 sweep (or of an earlier run of this benchmark, --reuse) is adopted instead of being trained again
 (identical runs). --seeds trains every rung once per seed and fits them all. A ladder whose losses do
 not fall with params is reported as such (no fit), not as a crash.
+
+--demo-recipe trains every run (sweep and ladder) on `make demo`'s budget (megamu.demo.DEMO_OVERRIDES:
+σ-initialised readout, 50-step warm-up, MLP 8/3 of every width, η annealed to 0, 200 × 32 sequences,
+44 eval batches), which leaves the unigram plateau with seeds ~0.5% apart; --steps and --batch are then
+unused. Besides the classic fit, the cross-validated forecast (the report's `selection`) is scored, and
+the CPU time of the training processes is reported.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import argparse
 import hashlib
 import json
 import os
+import resource
 import sys
 import time
 from typing import Optional
@@ -29,11 +36,13 @@ from typing import Optional
 from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_data, lr_values
 
 from megamu.config import fill_vocab_size, load_config
+from megamu.demo import DEMO_OVERRIDES
 from megamu.errors import FitError
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder
 from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all
 from megamu.scaling.plot import plot_prediction
 from megamu.scaling.predict import format_report
+from megamu.scaling.seeds import holdout_by_size
 from megamu.scaling.sweep import SweepPlan, run_sweep
 
 # Score: the final validation loss (the same held-out batches for every run), as in bench_mutransfer.
@@ -90,7 +99,8 @@ def reuse_identical_runs(specs: list[RunSpec], candidates: list[str]) -> list[st
 
 def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace) -> dict:
     specs = plan_ladder(PROXY_CONFIG, [*overrides, f"train.lr={lr}"], [*args.fit_widths, args.target_width],
-                        TokenBudget(steps=args.steps), os.path.join(args.out, name), args.seeds)
+                        TokenBudget(steps=None if args.demo_recipe else args.steps), os.path.join(args.out, name),
+                        args.seeds)
     candidates = [run for d in [args.mutransfer, *args.reuse] for run in finished_runs(os.path.join(d, name))]
     reused = reuse_identical_runs(specs, candidates)
     results = run_all(specs, RULE, args.parallel)
@@ -110,7 +120,8 @@ def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace)
     for note in dropped:
         print(f"left out of the fit: {note}")
     print(format_report(report))
-    plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{name}_{args.steps}steps.png"))
+    budget = "demo" if args.demo_recipe else f"{args.steps}steps"
+    plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{name}_{budget}.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     return report
@@ -136,6 +147,34 @@ def row(label: str, report: dict) -> str:
             f"{fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
 
 
+def budget_overrides(demo_recipe: bool, steps: int, batch: int) -> list[str]:
+    """Every run's budget: make demo's (which leaves the unigram plateau), or `steps` × `batch` sequences."""
+    if demo_recipe:
+        return list(DEMO_OVERRIDES)
+    return [f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}"]
+
+
+def selection_row(label: str, report: dict) -> str:
+    """The cross-validated forecast of the held-out width (its seeds' mean), as the demo scores it."""
+    selection = report.get("selection") or {"error": "no fit"}
+    if "error" in selection:
+        return f"| {label} | no cross-validated forecast: {selection['error']} | – | – | – |"
+    scored = holdout_by_size(selection["holdout"])
+    if not scored:
+        return f"| {label} | {selection['chosen']} | held-out rung did not finish | – | – |"
+    held = scored[-1]
+    lo, hi = held["interval"] or (float("nan"), float("nan"))
+    inside = "yes" if lo <= held["actual"] <= hi else "no"
+    return (f"| {label} | {selection['chosen']} ({selection['reason']}) | {held['predicted']:.4f} vs "
+            f"{held['actual']:.4f} | {held['rel_error'] * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] {inside} |")
+
+
+def cpu_minutes() -> float:
+    """CPU time (user + system) of this process and the training runs it waited for."""
+    own, runs = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (own.ru_utime + own.ru_stime + runs.ru_utime + runs.ru_stime) / 60
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/prediction")
@@ -151,21 +190,33 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--target-width", type=int, default=TARGET_WIDTH)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
+    parser.add_argument("--demo-recipe", action="store_true",
+                        help="make demo's budget and settings for every run (--steps, --batch unused)")
+    parser.add_argument("--ladders", default="mup,sp", help="which ladders to train: mup, sp or both")
     args = parser.parse_args(argv)
     args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
     args.seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    args.ladders = [name.strip() for name in args.ladders.split(",") if name.strip()]
+    if not args.ladders or set(args.ladders) - {"mup", "sp"}:
+        parser.error(f"--ladders takes mup, sp or mup,sp, got {','.join(args.ladders) or 'nothing'}")
     start = time.time()
-    overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
-                 f"train.micro_batch_size={args.batch}"]
+    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch)]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
     lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
-    reports = {"mup": ladder("mup", overrides, lr, args), "sp": ladder("sp", [*overrides, "mup.enabled=false"], lr, args)}
+    ladders = {"mup": ("μP", []), "sp": ("SP", ["mup.enabled=false"])}
+    reports = {name: ladder(name, [*overrides, *extra], lr, args) for name, (_, extra) in ladders.items()
+               if name in args.ladders}
+    budget = "make demo's budget (megamu.demo.DEMO_OVERRIDES)" if args.demo_recipe else \
+        f"{args.steps} steps × {args.batch * 64} tokens"
     lines = ["| parametrization | runs fitted | held-out params (× largest fitted) | actual loss | predicted | "
              "rel. error | 90% interval, contains actual | fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |",
-             row("μP", reports["mup"]), row("SP", reports["sp"]), "",
-             f"η = {lr:g} (best of the width-64 proxy sweep), {args.steps} steps × {args.batch * 64} tokens; "
-             f"wall time {(time.time() - start) / 60:.1f} min."]
+             *[row(ladders[name][0], report) for name, report in reports.items()], "",
+             "| parametrization | cross-validated form (why) | predicted vs actual | rel. error | 90% interval, "
+             "contains actual |", "| --- | --- | --- | --- | --- |",
+             *[selection_row(ladders[name][0], report) for name, report in reports.items()], "",
+             f"η = {lr:g} (best of the width-64 proxy sweep), {budget}; "
+             f"wall time {(time.time() - start) / 60:.1f} min, CPU time {cpu_minutes():.1f} min."]
     print("\n" + "\n".join(lines))
     with open(os.path.join(args.out, "table.md"), "w") as handle:
         handle.write("\n".join(lines) + "\n")
