@@ -17,7 +17,7 @@ not fall with params is reported as such (no fit), not as a crash.
 
 --demo-recipe trains every run (sweep and ladder) on `make demo`'s budget (megamu.demo.DEMO_OVERRIDES:
 σ-initialised readout, 50-step warm-up, MLP 8/3 of every width, η annealed to 0, 200 × 32 sequences,
-44 eval batches), which leaves the unigram plateau with seeds ~0.5% apart; --steps and --batch are then
+44 eval batches), which leaves the unigram plateau; --steps and --batch are then
 unused. Besides the classic fit, the cross-validated forecast (the report's `selection`) is scored, and
 the CPU time of the training processes is reported.
 """
