@@ -38,11 +38,9 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write: mode must be 'w' or 'wb', got {mode!r}")
     directory, name = os.path.split(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{name}.", suffix=".tmp")
+    fd, tmp = new_temporary(directory, f"{name}.", ".tmp")
     try:
         with os.fdopen(fd, mode) as handle:
-            os.chmod(tmp, NEW_FILE_MODE)
-            lock_temporary(fd)
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
@@ -52,6 +50,20 @@ def atomic_write(path: str, mode: str = "w") -> Iterator[IO]:
             os.remove(tmp)
         raise
     _fsync_directory(directory)
+
+
+def new_temporary(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new temporary file in `directory` (a name no other writer can share), open as the returned fd, with
+    the permissions a finished file gets and locked as being written."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=suffix)
+    try:
+        os.fchmod(fd, NEW_FILE_MODE)  # mkstemp's 0600 would be kept by the rename
+        lock_temporary(fd)
+    except BaseException:
+        os.close(fd)
+        os.remove(tmp)
+        raise
+    return fd, tmp
 
 
 def lock_temporary(fd: int) -> None:

@@ -22,7 +22,6 @@ import mmap
 import os
 import shutil
 import struct
-import tempfile
 from array import array
 from types import TracebackType
 from typing import Iterable, Optional, Sequence, Union
@@ -30,7 +29,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from megamu.errors import DataError
-from megamu.fileio import NEW_FILE_MODE, atomic_replace, lock_temporary, remove_stale_temporaries
+from megamu.fileio import atomic_replace, lock_temporary, new_temporary, remove_stale_temporaries
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -118,9 +117,7 @@ class IndexedDatasetWriter:
                                     f"create it first")
         base = os.path.basename(prefix)
         remove_stale_temporaries(os.path.join(directory, f".{base}.*.tmp"))
-        bin_fd, self._tmp_bin = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=".bin.tmp")
-        os.fchmod(bin_fd, NEW_FILE_MODE)  # mkstemp's 0600 would be kept by the rename
-        lock_temporary(bin_fd)
+        bin_fd, self._tmp_bin = new_temporary(directory, f".{base}.", ".bin.tmp")
         self._bin = os.fdopen(bin_fd, "wb")
         self._tmp_idx: Optional[str] = None
         self._sizes = array("i")  # int32, as the index stores them
@@ -275,7 +272,7 @@ class IndexedDataset:
         buf = self._idx_map if self._idx_map is not None else b""
         if len(buf) < _HEADER.size:
             raise DataError(f"{idx_path}: {len(buf)} bytes, shorter than the {_HEADER.size}-byte MMIDIDX header "
-                            f"(truncated?); re-run megamu-preprocess")
+                            f"(truncated?); {REBUILD}")
         magic, version, code, n_seq, n_doc_idx = _HEADER.unpack_from(buf, 0)
         if magic != MAGIC:
             raise DataError(f"{idx_path}: bad magic {magic!r}, expected {MAGIC!r}; not an MMIDIDX index file; point "
