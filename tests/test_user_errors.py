@@ -96,6 +96,16 @@ def test_a_resumed_writer_drops_the_torn_record_instead_of_gluing_onto_it(tmp_pa
     assert [r["kind"] for r in records] == ["meta"] + ["train"] * 4 + ["eval"]
 
 
+def test_an_empty_metrics_file_is_not_taken_for_a_torn_record(tmp_path, recwarn):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")  # a writer killed before its first record
+    cfg = load_config(None, [f"train.out_dir={run}", "log.progress_bar=false"])
+    RunLogger(cfg, {"params": 1000}, is_writer=True, start_step=0).close()
+    assert not [w for w in recwarn if issubclass(w.category, MegamuWarning)]
+    assert json.loads(open(run / "metrics.jsonl").readline())["kind"] == "meta"
+
+
 # ---- preprocessing: a killed run's temporary files, permissions ------------------------------------------
 def test_preprocess_removes_a_killed_runs_temporaries_keeps_a_live_writers_and_honours_the_umask(
         tmp_path, tiny_tokenizer):

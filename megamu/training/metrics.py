@@ -198,7 +198,7 @@ def _drop_torn_record(path: str) -> None:
         size = handle.tell()
         handle.seek(max(0, size - (1 << 20)))  # a record is far shorter than this
         tail = handle.read()
-        if tail.endswith(b"\n"):
+        if not tail or tail.endswith(b"\n"):  # empty, or its last record complete
             return
         keep = size - len(tail) + tail.rfind(b"\n") + 1
         handle.truncate(keep)
