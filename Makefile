@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 # CPU build on this machine; GPU users install megamu into their own environment instead.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_DIR ?= runs/demo
+# DeepSpeed's CPU ops are compiled against this venv's torch, so they live in the venv, not in a
+# cache shared with other environments; a build killed midway leaves a lock there that would make
+# every later load wait forever, hence the removal before the (bounded) build below.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test bench
 
@@ -18,7 +22,8 @@ $(BIN)/.installed: setup.py
 	$(BIN)/pip install -q -e ".[dev]"
 	# On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory op the first time a
 	# process group starts (minutes on 2 cores); build it once here rather than inside a test.
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
+	rm -f "$$TORCH_EXTENSIONS_DIR"/*/lock
+	timeout 1200 $(BIN)/python -c "from deepspeed.accelerator import get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load()"
 	touch $@
 
 # benchmarks/bench_mfu.py compares with HF transformers: setup.py's `bench` extra.

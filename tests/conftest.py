@@ -2,11 +2,18 @@
 from the built-in sample corpus (standard-library sources) so every test reuses them cheaply."""
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
 from megamu.data.preprocess import preprocess
 from megamu.data.sources import iter_texts
 from megamu.data.tokenizer import Tokenizer, train_tokenizer
+
+# The same place the Makefile builds DeepSpeed's CPU op in (inside the venv), so a bare pytest run
+# reuses that build rather than compiling another into a cache shared with other environments.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 TINY_VOCAB = 512
 TINY_TOKENIZER_DOCS = "sample:20"
