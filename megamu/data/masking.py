@@ -15,20 +15,17 @@ a new piece in the tokenizer.
 
 Deterministic per sample: sample i of a split is masked by a generator seeded with (seed, i), where i is
 its position in the split's shuffled order, so the masks do not depend on data-parallel size, loader
-workers or where a run resumed. A micro batch is one LongTensor [micro, 2, seq_len] (inputs, labels), so
-loaders, pinning and device transfer treat it as they treat GPT's [micro, seq_len + 1] tokens;
-`inputs_and_labels` tells them apart.
+workers or where a run resumed. A micro batch is [micro, 2, seq_len] (inputs, labels); data/objectives.py
+applies the objective for model.arch=bert and splits its batches.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Optional
 
 import numpy as np
-import torch
 
 from megamu.config import Config, ConfigError, fill_mask_token_id
-from megamu.data import EVAL_SEED
 from megamu.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # labels the loss skips (torch's and megamu.parallel's ignore index; data sits below both)
@@ -100,44 +97,3 @@ def _whole_words(starts: np.ndarray, wanted: int, rng: np.random.Generator) -> n
         if len(chosen) >= wanted:
             break
     return np.array(chosen, dtype=np.int64)
-
-
-class MaskedLMDataset:
-    """A GPT-sample dataset whose sample i is `masking.sample(...)` of its sample i, seeded by `seed`."""
-
-    def __init__(self, dataset: Any, masking: Masking, seed: int) -> None:
-        self.dataset, self.masking, self.seed = dataset, masking, seed
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {"tokens": self.masking.sample(self.dataset[i]["tokens"], self.seed, i)}
-
-
-def objective_datasets(cfg: Config, datasets: Mapping[str, Any]) -> dict[str, Any]:
-    """The split datasets the trainer draws from: GPT samples as they are for decoders, masked for bert."""
-    if cfg.model.arch != "bert":
-        return dict(datasets)
-    masking = Masking.from_config(cfg)
-    # Validation masks, like validation samples, take EVAL_SEED: runs differing only in seed score the same masks.
-    return {split: MaskedLMDataset(dataset, masking, cfg.train.seed if split == "train" else EVAL_SEED)
-            for split, dataset in datasets.items()}
-
-
-def inputs_and_labels(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A micro batch → (input ids, labels): [micro, 2, seq_len] masked-LM samples are split, GPT tokens
-    [micro, seq_len + 1] shifted by one (the labels are the next tokens)."""
-    if batch.dim() == 3:
-        return batch[:, 0], batch[:, 1]
-    return batch[:, :-1], batch[:, 1:]
-
-
-def objective_batch(cfg: Config, tokens: torch.Tensor, seed: int, first_index: int = 0) -> torch.Tensor:
-    """GPT tokens [micro, seq_len + 1] as the trainer's loader gives them for cfg's arch: unchanged for decoders,
-    masked-LM samples first_index, first_index + 1, ... for bert."""
-    if cfg.model.arch != "bert":
-        return tokens
-    masking = Masking.from_config(cfg)
-    return torch.from_numpy(np.stack([masking.sample(row.numpy(), seed, first_index + b)
-                                      for b, row in enumerate(tokens)]))

@@ -115,7 +115,7 @@ class Trainer:
     def _build(self) -> None:
         """Data, engine and run metadata: everything after the watchdog starts."""
         from megamu.data import build_datasets
-        from megamu.data.masking import objective_datasets
+        from megamu.data.objectives import objective_datasets
         from megamu.model import flops_per_token, param_counts
         from megamu.parallel.random import seed_tensor_parallel_rng
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megamu.config import Config, TrainConfig
-from megamu.data.masking import inputs_and_labels
+from megamu.data.objectives import inputs_and_labels
 from megamu.parallel.pipeline_grid import check_pipeline_grid, pipeline_topology
 from megamu.parallel.state import ParallelState
 from megamu.parallel.state import any_rank

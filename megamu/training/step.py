@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megamu.config import TrainConfig
-from megamu.data.masking import inputs_and_labels
+from megamu.data.objectives import inputs_and_labels
 from megamu.parallel.state import any_rank
 from megamu.training.guards import is_finite
 from megamu.training.schedule import apply_lr, base_lr
