@@ -20,10 +20,13 @@ from megamu.shipped import DEEPSPEED, shipped_path
 
 @dataclass
 class ModelConfig:
-    # "llama" (RMSNorm, SwiGLU, RoPE), "gpt2" (LayerNorm, GELU, learned positions) or "bert" (gpt2's block,
-    # bidirectional, masked-language-model head and objective)
+    # "llama" (RMSNorm, SwiGLU, RoPE), "gpt2" (LayerNorm, GELU, learned positions), "bert" (gpt2's block,
+    # bidirectional, masked-language-model head and objective) or "t5" (encoder-decoder of llama's blocks with
+    # cross-attention, span-corruption objective; n_layers encoder and n_layers decoder blocks)
     arch: str = "llama"
-    positions: Optional[str] = None  # bert only: "learned" (the default) or "rotary"; gpt2 learns, llama rotates
+    # bert: "learned" (the default) or "rotary"; t5: "relative" (T5's bucketed bias, the default) or "rotary";
+    # gpt2 always learns them, llama always rotates
+    positions: Optional[str] = None
     hidden_size: int = 256
     n_layers: int = 4
     n_heads: int = 4
@@ -81,6 +84,12 @@ class DataConfig:
     mlm_random_fraction: float = 0.1
     mask_token_id: Optional[int] = None  # None = the tokenizer's <pad> id (never in megamu's encoded text)
     mlm_whole_words: bool = False  # predict whole words (pieces joined by the tokenizer's word boundaries)
+    # model.arch=t5's span corruption of each sample's model.seq_len tokens: this fraction of them is hidden in
+    # spans of this mean length, each span replaced by one sentinel; the sentinels are the top sentinel_tokens
+    # ids of model.vocab_size (appended to the tokenizer's pieces when model.vocab_size is filled from it)
+    span_noise_density: float = 0.15
+    span_mean_length: float = 3.0
+    sentinel_tokens: int = 100
 
 
 @dataclass
@@ -159,7 +168,7 @@ class Config:
         m = self.model
         if m.ffn_hidden_size:
             return m.ffn_hidden_size
-        if m.arch != "llama":
+        if not rms_swiglu(m.arch):
             return 4 * m.hidden_size
         raw = int(8 * m.hidden_size / 3)
         return m.ffn_multiple_of * ((raw + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
@@ -167,7 +176,12 @@ class Config:
     @property
     def rotary(self) -> bool:
         """Whether attention rotates q and k (RoPE) rather than the embedding adding learned positions."""
-        return self.model.arch == "llama" or (self.model.arch == "bert" and self.model.positions == "rotary")
+        return self.model.arch == "llama" or self.model.positions == "rotary"
+
+    @property
+    def relative_positions(self) -> bool:
+        """Whether attention adds T5's learned relative-position bias (t5 unless model.positions=rotary)."""
+        return self.model.arch == "t5" and self.model.positions in (None, "relative")
 
     def padded_vocab_size(self) -> int:
         """Vocab rounded up so it divides by make_vocab_size_divisible_by · TP."""
@@ -185,7 +199,41 @@ class Config:
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config)]
-ARCHS = ("llama", "gpt2", "bert")
+ARCHS = ("llama", "gpt2", "bert", "t5")
+POSITIONS = {"bert": ("learned", "rotary"), "t5": ("relative", "rotary")}
+
+
+def rms_swiglu(arch: str) -> bool:
+    """Whether `arch`'s blocks are llama's (RMSNorm, SwiGLU MLP, no biases): llama and t5 (as T5 v1.1, with
+    SwiGLU for its gated GELU); gpt2 and bert use LayerNorm, biases and a GELU MLP."""
+    return arch in ("llama", "t5")
+
+
+@dataclass(frozen=True)
+class SpanLayout:
+    """The fixed shape of model.arch=t5's samples: of a sample's model.seq_len text tokens, `noise` are hidden
+    in `spans` spans; the encoder reads the rest with one sentinel per span (`encoder_len` tokens) and the
+    decoder reads and predicts each span after its sentinel (`decoder_len` tokens, its labels shifted by one
+    and closed by one more sentinel)."""
+    noise: int
+    spans: int
+    encoder_len: int
+    decoder_len: int
+
+
+def text_vocab_size(cfg: Config) -> int:
+    """How many ids text may hold: model.vocab_size less t5's sentinels (its top data.sentinel_tokens ids)."""
+    return cfg.model.vocab_size - (cfg.data.sentinel_tokens if cfg.model.arch == "t5" else 0)
+
+
+def span_layout(cfg: Config) -> SpanLayout:
+    """Exact counts from data.span_noise_density and data.span_mean_length (the same for every sample, so
+    batches have one shape): noise = round(density · seq_len) ≥ 1 tokens in spans = round(noise / mean) ≥ 1
+    spans, at most one span per noise token and per kept token (spans alternate with kept text)."""
+    d, n = cfg.data, cfg.model.seq_len
+    noise = min(max(1, round(d.span_noise_density * n)), n - 1)
+    spans = max(1, min(round(noise / d.span_mean_length), noise, n - noise))
+    return SpanLayout(noise, spans, n - noise + spans, noise + spans)
 
 
 # ---- loading ----------------------------------------------------------------------------
@@ -295,12 +343,13 @@ def _require(cond: bool, msg: str) -> None:
 def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
     """Check every cross-key constraint; raise ConfigError naming the key and the fix."""
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    _require(m.arch != "t5", "model.arch=t5 (encoder-decoder) is not implemented yet; use llama, gpt2 or bert")
     _require(m.arch in ARCHS, f"model.arch must be one of {', '.join(ARCHS)}, got {m.arch!r}")
-    _require(m.positions is None or (m.arch == "bert" and m.positions in ("learned", "rotary")),
-             f"model.positions={m.positions!r}: only model.arch=bert chooses its positions, 'learned' or 'rotary' "
-             f"(gpt2 always learns them, llama always rotates); remove the key or fix its value")
+    _require(m.positions is None or m.positions in POSITIONS.get(m.arch, ()),
+             f"model.positions={m.positions!r}: model.arch=bert chooses 'learned' or 'rotary', model.arch=t5 "
+             f"'relative' or 'rotary' (gpt2 always learns them, llama always rotates); remove the key or fix its "
+             f"value")
     _validate_masking(cfg)
+    _validate_spans(cfg)
     for key in ("hidden_size", "n_layers", "n_heads", "seq_len"):
         _require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _require(m.hidden_size % m.n_heads == 0,
@@ -322,7 +371,7 @@ def validate(cfg: Config, world_size: Optional[int] = None, check_files: bool = 
              f"parallel.tensor={p.tensor} does not divide the MLP width {cfg.ffn_hidden_size}; "
              f"set model.ffn_hidden_size to a multiple of it")
     _validate_pipeline(cfg)
-    _require(not (p.sequence_parallel and m.seq_len % p.tensor),
+    _require(not (p.sequence_parallel and m.arch != "t5" and m.seq_len % p.tensor),  # t5: _validate_spans
              f"parallel.sequence_parallel needs model.seq_len ({m.seq_len}) divisible by parallel.tensor ({p.tensor})")
     _require(t.schedule in ("cosine", "wsd", "constant"),
              f"train.schedule must be 'cosine', 'wsd' or 'constant', got {t.schedule!r}")
@@ -387,6 +436,45 @@ def _validate_masking(cfg: Config) -> None:
     _require(d.mask_token_id is None or (d.mask_token_id >= 0 and (vocab is None or d.mask_token_id < vocab)),
              f"data.mask_token_id={d.mask_token_id} is not a token id of the vocabulary (0 .. model.vocab_size-1 = "
              f"{vocab}-1); set an id the data never holds, e.g. the tokenizer's <pad>")
+
+
+def _validate_spans(cfg: Config) -> None:
+    d, m, p = cfg.data, cfg.model, cfg.parallel
+    _require(0.0 < d.span_noise_density < 1.0,
+             f"data.span_noise_density={d.span_noise_density} must lie in (0, 1) (T5 hides 0.15 of the tokens)")
+    _require(d.span_mean_length >= 1.0, f"data.span_mean_length={d.span_mean_length} must be at least 1 (T5: 3)")
+    _require(d.sentinel_tokens >= 2, f"data.sentinel_tokens={d.sentinel_tokens} must be at least 2 (T5: 100)")
+    if m.arch != "t5":
+        return
+    _require(m.seq_len >= 2, f"model.arch=t5 needs model.seq_len >= 2 (one hidden and one kept token), got {m.seq_len}")
+    layout = span_layout(cfg)
+    _require(layout.spans + 1 <= d.sentinel_tokens,
+             f"model.seq_len={m.seq_len} makes {layout.spans} spans per sample, which need {layout.spans + 1} "
+             f"sentinels (one per span and one closing the targets) but data.sentinel_tokens={d.sentinel_tokens}; "
+             f"raise data.sentinel_tokens or data.span_mean_length")
+    _require(m.vocab_size is None or m.vocab_size > d.sentinel_tokens,
+             f"model.vocab_size={m.vocab_size} must exceed data.sentinel_tokens={d.sentinel_tokens} (the sentinels are "
+             f"its top ids); unset model.vocab_size to take the tokenizer's pieces plus the sentinels")
+    _require(p.pipeline == 1,
+             f"model.arch=t5 with parallel.pipeline={p.pipeline}: the encoder-decoder is not pipelined (its decoder "
+             f"reads the encoder's output at every block); set parallel.pipeline=1 and use tensor or data parallelism")
+    if p.sequence_parallel and p.tensor > 1:
+        lengths = (layout.encoder_len, layout.decoder_len)
+        _require(all(n % p.tensor == 0 for n in lengths),
+                 f"parallel.sequence_parallel with model.arch=t5 needs the encoder and decoder lengths "
+                 f"{lengths} (from model.seq_len={m.seq_len}) divisible by parallel.tensor={p.tensor}; "
+                 f"{_seq_len_hint(cfg)}")
+
+
+def _seq_len_hint(cfg: Config) -> str:
+    """A nearby model.seq_len whose t5 encoder and decoder lengths divide by parallel.tensor, as advice."""
+    probe = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model))
+    for seq_len in range(cfg.model.seq_len, 4 * cfg.model.seq_len + 64):
+        probe.model.seq_len = seq_len
+        layout = span_layout(probe)
+        if layout.encoder_len % cfg.parallel.tensor == 0 and layout.decoder_len % cfg.parallel.tensor == 0:
+            return f"e.g. model.seq_len={seq_len}"
+    return "change model.seq_len or parallel.tensor"
 
 
 def fill_mask_token_id(cfg: Config) -> None:
@@ -480,7 +568,21 @@ def fill_vocab_size(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer_model: {path} not found; train one with megamu-train-tokenizer")
     from megamu.data.tokenizer import Tokenizer
 
-    cfg.model.vocab_size = Tokenizer(path).vocab_size
+    cfg.model.vocab_size = Tokenizer(path).vocab_size + (cfg.data.sentinel_tokens if cfg.model.arch == "t5" else 0)
+
+
+def check_sentinel_room(cfg: Config) -> None:
+    """model.arch=t5: the sentinels (the top data.sentinel_tokens ids) must lie above every tokenizer piece."""
+    d = cfg.data
+    if cfg.model.arch != "t5" or d.tokenizer_model is None or not os.path.isfile(d.tokenizer_model):
+        return
+    from megamu.data.tokenizer import Tokenizer
+
+    pieces = Tokenizer(d.tokenizer_model).vocab_size
+    _require(cfg.model.vocab_size - d.sentinel_tokens >= pieces,
+             f"model.vocab_size={cfg.model.vocab_size} leaves no room for the data.sentinel_tokens={d.sentinel_tokens} "
+             f"sentinel ids above the {pieces} pieces of {d.tokenizer_model}; unset model.vocab_size (megamu adds the "
+             f"sentinels to the tokenizer's pieces) or set it to at least {pieces + d.sentinel_tokens}")
 
 
 def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = False,
@@ -494,6 +596,7 @@ def resolve(cfg: Config, world_size: Optional[int] = None, *, need_data: bool = 
     """
     notes = []
     fill_vocab_size(cfg)
+    check_sentinel_room(cfg)
     t = cfg.train
     if t.deepspeed_config is not None and not os.path.isfile(t.deepspeed_config):
         # A shipped json by name ("zero1") or by its checkout path ("ds_configs/zero1.json"): both work after

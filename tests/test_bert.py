@@ -11,7 +11,8 @@ import torch
 
 from megamu.cli import generate as generate_tool
 from megamu.config import ConfigError, fill_mask_token_id, load_config
-from megamu.data.masking import IGNORE_INDEX, Masking, inputs_and_labels, objective_datasets, word_starts
+from megamu.data.masking import IGNORE_INDEX, Masking, word_starts
+from megamu.data.objectives import inputs_and_labels, objective_datasets
 from megamu.model import build_model, mup, param_counts
 from megamu.scaling.ladder import TokenBudget, plan_ladder
 from test_ladder import base_config  # noqa: F401 (a fixture)
@@ -32,9 +33,9 @@ def tiny_cfg(*overrides: str):
 # ---- config ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.arch=t5"], "model.arch=t5 .*not implemented yet"),
-    (["model.arch=gpt3"], "model.arch must be one of llama, gpt2, bert, got 'gpt3'"),
-    (["model.arch=gpt2", "model.positions=rotary"], "only model.arch=bert chooses its positions"),
+    (["model.arch=gpt3"], "model.arch must be one of llama, gpt2, bert, t5, got 'gpt3'"),
+    (["model.arch=gpt2", "model.positions=rotary"], "model.arch=bert chooses 'learned' or 'rotary'"),
+    (["model.arch=bert", "model.positions=relative"], "model.positions='relative'"),
     (["model.arch=bert", "model.positions=alibi"], "model.positions='alibi'"),
     (["model.arch=bert", "data.mlm_probability=0"], r"data.mlm_probability=0.0 must lie in \(0, 1\]"),
     (["model.arch=bert", "data.mlm_mask_fraction=0.95"], "sum of at most 1"),

@@ -1,4 +1,4 @@
-"""Coordinate check: flat under μP, growing under SP (llama and bert), not flat when one μP rule is broken,
+"""Coordinate check: flat under μP, growing under SP (llama, bert and t5), not flat when one μP rule is broken,
 and widened by the ladder's width rule (head dim 16 here: 4 to 32 heads over widths 64 to 512)."""
 import json
 
@@ -24,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = ["model.vocab_size=32", "model.n_layers=2", "model.n_heads=4", "model.seq_len=16", "model.hidden_size=64",
          "mup.base_hidden_size=64", "train.lr=3e-3"]
 # The decoder (llama) and the encoder (bert: bidirectional, masked-LM head, masked batches; id 3 as the mask).
-ARCHS = {"llama": [], "bert": ["model.arch=bert", "data.mask_token_id=3"]}
+# The encoder-decoder (t5: cross-attention watched too; 4 sentinels on top of 28 text ids).
+ARCHS = {"llama": [], "bert": ["model.arch=bert", "data.mask_token_id=3"],
+         "t5": ["model.arch=t5", "data.sentinel_tokens=4"]}
 
 
 def small_cfg(arch: str = "llama"):
@@ -69,6 +71,12 @@ def test_records_cover_every_block_module_width_and_step(mup_result):
     logits_at_init = [r["mean_abs"] for r in mup_result["records"] if r["module"] == "logits" and r["step"] == 0]
     assert logits_at_init == [0.0] * len(WIDTHS)  # zero-initialised readout
     json.dumps(mup_result)
+
+
+def test_t5_records_its_encoder_and_decoder_blocks_and_cross_attention(results):
+    modules = {r["module"] for r in results("t5", True)["records"]}
+    blocks = {f"block{i}.{part}" for i in range(4) for part in ("attn", "mlp", "residual")}  # 2 encoder, 2 decoder
+    assert modules == {"embedding", "logits"} | blocks | {"block2.cross", "block3.cross"}
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))

@@ -6,11 +6,13 @@ import torch
 from torch import nn
 
 from megamu.config import load_config
+from megamu.data.objectives import inputs_and_labels, objective_batch
 from megamu.model import build_model, mup
 from megamu.model.mup import ROLES
 
 ARCHS = [(), ("model.arch=gpt2", "model.qk_norm=true"), ("model.n_kv_heads=2", "model.qk_norm=true"),
-         ("model.arch=bert",)]
+         ("model.arch=bert", "data.mask_token_id=3"), ("model.arch=t5", "data.sentinel_tokens=8"),
+         ("model.arch=t5", "model.positions=rotary", "data.sentinel_tokens=8")]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -38,10 +40,12 @@ def test_every_parameter_has_a_role_and_every_group_is_filled(arch):
     grouped = [p for g in groups.values() for p in g["params"]]
     assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
     by_role = mup.parameters_by_role(model)
-    # Matrices in blocks are hidden; the first and last layers are not.
-    assert len(by_role["hidden_out"]) == 2 * cfg.model.n_layers
+    # Matrices in blocks are hidden; the first and last layers are not. t5's decoder blocks add cross-attention's
+    # output; its one embedding serves encoder and decoder.
+    outputs_per_layer = 5 if cfg.model.arch == "t5" else 2
+    assert len(by_role["hidden_out"]) == outputs_per_layer * cfg.model.n_layers
     assert by_role["embedding"] == ["layers.0.tokens.weight"]
-    assert by_role["readout"] == [f"layers.{cfg.model.n_layers + 2}.weight"]
+    assert by_role["readout"] == [f"layers.{len(model.layers) - 1}.weight"]
 
 
 def test_a_parameter_without_a_role_is_refused():
@@ -109,11 +113,12 @@ def test_forward_multipliers():
 def _two_adam_steps(cfg):
     model = build_model(cfg)
     optimizer = torch.optim.AdamW(mup.param_groups(model, cfg), betas=(0.9, 0.95), eps=1e-8)
-    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 48, (2, 17), generator=torch.Generator().manual_seed(3))
+    inputs, labels = inputs_and_labels(objective_batch(cfg, tokens, seed=0))  # masked for bert, spans for t5
     initial = [p.detach().clone() for p in model.parameters()]
     for _ in range(2):
         optimizer.zero_grad()
-        model(tokens[:, :-1], labels=tokens[:, 1:]).backward()
+        model(inputs, labels=labels).backward()
         optimizer.step()
     return initial, list(model.parameters())
 

@@ -27,6 +27,9 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)  # fp32; only summation order differs from TP
 LLAMA = ["model.n_kv_heads=2", "model.qk_norm=true"]
 GPT2 = ["model.arch=gpt2"]
 BERT = ["model.arch=bert"]  # bidirectional, with the masked-LM head's replicated transform
+# encoder-decoder with cross-attention and relative-position tables split by heads; encoder 14 and decoder 6
+# positions from seq_len 16, both even for SP
+T5 = ["model.arch=t5", "data.span_noise_density=0.25", "data.span_mean_length=2"]
 
 
 def tiny_cfg(*overrides: str) -> Config:
@@ -77,17 +80,24 @@ def test_gathered_init_equals_tp1_when_vocab_padding_differs():
 
 # ---- one training step ----------------------------------------------------------------------------
 
-def _batch(vocab: int) -> torch.Tensor:
-    return torch.randint(0, vocab, (2, 17), generator=torch.Generator().manual_seed(5))
+def _inputs_and_labels(vocab: int, t5: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random next-token inputs and labels, or for t5 (encoder ids, decoder ids) inputs and decoder labels."""
+    generator = torch.Generator().manual_seed(5)
+    if t5:
+        inputs = torch.randint(0, vocab, (2, 2, 16), generator=generator)
+        labels = torch.randint(0, vocab, (2, 16), generator=generator)
+    else:
+        tokens = torch.randint(0, vocab, (2, 17), generator=generator)
+        inputs, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[0, :3] = -100  # ignored positions must not count
+    return inputs, labels
 
 
 def _check_step(overrides: list[str]) -> None:
     sharded, dense, group = _tp_model(2, overrides)
-    tokens = _batch(dense.vocab_size)
-    labels = tokens[:, 1:].clone()
-    labels[0, :3] = -100  # ignored positions must not count
-    loss = sharded(tokens[:, :-1], labels=labels)
-    want = dense(tokens[:, :-1], labels=labels)
+    inputs, labels = _inputs_and_labels(dense.vocab_size, "model.arch=t5" in overrides)
+    loss = sharded(inputs, labels=labels)
+    want = dense(inputs, labels=labels)
     assert_close(loss, want, **TIGHT)
     loss.backward()
     want.backward()
@@ -95,10 +105,11 @@ def _check_step(overrides: list[str]) -> None:
     for name, param in sharded.named_parameters():
         grad = _gathered(param.grad, param.partition_dim, group)
         assert_close(grad, dense_params[name].grad, **TIGHT, msg=lambda m: f"{name}: {m}")
-    assert_close(sharded(tokens[:, :-1]), dense(tokens[:, :-1]), **TIGHT)  # gathered logits
+    assert_close(sharded(inputs), dense(inputs), **TIGHT)  # gathered logits
 
 
-@pytest.mark.parametrize("arch", [LLAMA, GPT2, BERT], ids=["llama-gqa-qknorm", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", [LLAMA, GPT2, BERT, T5, T5 + ["model.positions=rotary", "model.n_kv_heads=2"]],
+                         ids=["llama-gqa-qknorm", "gpt2", "bert", "t5", "t5-rotary-gqa"])
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "tp+sp"])
 def test_tp2_loss_and_gradients_equal_tp1(arch, sp):
     run_distributed(2, _check_step, arch + [f"parallel.sequence_parallel={str(sp).lower()}"])

@@ -16,9 +16,9 @@ from megamu.errors import DataError
 from megamu.fileio import file_sha256
 
 
-def check_token_ids(prefixes: list[str], vocab_size: int, tokenizer_model: Optional[str]) -> None:
+def check_token_ids(prefixes: list[str], vocab_size: int, tokenizer_model: Optional[str], sentinels: int = 0) -> None:
     """DataError naming the file and the fix when a prefix was made by another tokenizer than
-    `tokenizer_model` or holds a token id ≥ `vocab_size`."""
+    `tokenizer_model` or holds a token id ≥ `vocab_size` - `sentinels` (t5's sentinels are the top ids)."""
     tokenizer_digest = file_sha256(tokenizer_model) if tokenizer_model else None
     for prefix in prefixes:
         stats = read_stats(prefix) or {}
@@ -35,7 +35,10 @@ def check_token_ids(prefixes: list[str], vocab_size: int, tokenizer_model: Optio
                 max_id = dataset.max_token_id()
             finally:
                 dataset.close()
-        if max_id >= vocab_size:
-            raise DataError(f"{prefix}: holds token id {max_id} but model.vocab_size is {vocab_size}; the data was "
-                            f"made with a larger vocabulary: set data.tokenizer_model (or model.vocab_size) to the "
-                            f"tokenizer the data was made with, or re-run megamu-preprocess with this one")
+        if max_id >= vocab_size - sentinels:
+            limit = (f"model.vocab_size is {vocab_size}" if not sentinels else
+                     f"text ids must lie below {vocab_size - sentinels} (model.vocab_size={vocab_size} less "
+                     f"data.sentinel_tokens={sentinels})")
+            raise DataError(f"{prefix}: holds token id {max_id} but {limit}; the data was made with a larger "
+                            f"vocabulary: set data.tokenizer_model (or model.vocab_size) to the tokenizer the data "
+                            f"was made with, or re-run megamu-preprocess with this one")

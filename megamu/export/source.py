@@ -63,8 +63,9 @@ def load_run_model(run_dir: str, tag: Optional[str] = None) -> tuple[Config, Tra
     """(config, megamu's single-process model holding the checkpoint's weights in eval mode on this machine's
     device (megamu.runtime), tag), for inference: no activation checkpointing, no compilation."""
     cfg, state, tag = load_run_weights(run_dir, tag)
-    if cfg.model.arch == "bert":  # generation and bits per byte read text left to right: decoders only
-        raise ConfigError(f"{run_dir}: a model.arch=bert run is a masked-LM encoder; megamu-generate and megamu-eval "
+    if cfg.model.arch in ("bert", "t5"):  # generation and bits per byte read text left to right: decoders only
+        what = "a masked-LM encoder" if cfg.model.arch == "bert" else "a span-corruption encoder-decoder"
+        raise ConfigError(f"{run_dir}: a model.arch={cfg.model.arch} run is {what}; megamu-generate and megamu-eval "
                           f"need a decoder (llama or gpt2) run")
     cfg.train.activation_checkpointing, cfg.train.compile = "none", False
     model = build_model(cfg)

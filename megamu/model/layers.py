@@ -17,6 +17,7 @@ weight and no communication. Both replay dropout exactly (`megamu.parallel.rando
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional
 
 import torch
@@ -24,10 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from megamu.config import rms_swiglu
 from megamu.model.mup import Role, assign_linear_roles, assign_role
 from megamu.parallel.layers import (ColumnParallelLinear, ParallelPositionEmbedding, ParallelReadout,
-                                    ReplicatedLinear, RowParallelLinear, TensorParallelInput, VocabParallelEmbedding,
-                                    tag_parameter)
+                                    ReplicatedLinear, RowParallelLinear, TensorParallelInput, TensorParallelLayer,
+                                    VocabParallelEmbedding, tag_parameter)
 from megamu.parallel.random import activation_checkpoint, get_rng_tracker
 
 
@@ -86,7 +88,7 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(arch: str, dim: int, eps: float, partial_grad: bool = False) -> nn.Module:
-    return RMSNorm(dim, eps, partial_grad) if arch == "llama" else LayerNorm(dim, eps, partial_grad)
+    return RMSNorm(dim, eps, partial_grad) if rms_swiglu(arch) else LayerNorm(dim, eps, partial_grad)
 
 
 class RotaryEmbedding(nn.Module):
@@ -152,7 +154,7 @@ class Attention(nn.Module):
         self.head_dim = hidden_size // n_heads
         self.scale = scale
         self.dropout, self.causal = dropout, causal
-        bias = arch != "llama"
+        bias = not rms_swiglu(arch)
         kv_size = n_kv_heads * self.head_dim
         tp = dict(group=group, sequence_parallel=sequence_parallel)
         self.enter = TensorParallelInput(**tp)
@@ -170,15 +172,18 @@ class Attention(nn.Module):
         self.k_norm = make_norm(arch, self.head_dim, norm_eps, self.heads_are_sharded) if qk_norm else None
         self.rope = RotaryEmbedding(self.head_dim, rope_theta, max_seq_len) if rotary else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """`position_bias`: [1, this rank's heads, T, T] added to the scores (T5's relative positions)."""
         x = self.enter(x)  # under SP: the full sequence from here to o
-        batch, seq_len, _ = x.shape
-        q = self.q(x).view(batch, seq_len, -1, self.head_dim)
-        k = self.k(x).view(batch, seq_len, -1, self.head_dim)
-        v = self.v(x).view(batch, seq_len, -1, self.head_dim)
-        return self.o(_maybe_recompute(self.recompute_core, self._core, q, k, v))
+        q, k, v = self._project(self.q, x), self._project(self.k, x), self._project(self.v, x)
+        return self.o(_maybe_recompute(self.recompute_core, self._core, q, k, v, position_bias))
 
-    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _project(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] → [B, T, heads, head_dim] through one of q, k, v."""
+        return linear(x).view(*x.shape[:2], -1, self.head_dim)
+
+    def _core(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         """[B, T, heads, head_dim] q, k, v → attention output [B, T, heads·head_dim], the input of o."""
         batch, seq_len = q.shape[:2]
         if self.q_norm is not None:
@@ -187,12 +192,90 @@ class Attention(nn.Module):
             q, k = self.rope(q), self.rope(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         dropout = self.dropout if self.training else 0.0
+        mask, causal = None, self.causal
+        if position_bias is not None:  # SDPA takes a mask or is_causal, not both: the causal part joins the mask
+            mask = position_bias.to(q.dtype)
+            if causal:
+                mask = mask.masked_fill(_future(q.shape[2], k.shape[2], q.device), float("-inf"))
+            causal = False
         with _rank_local_rng(self.heads_are_sharded and dropout > 0):
             # Grouped-query: every kv head serves q heads / kv heads consecutive query heads (each TP rank's
             # kv heads serve its own query heads, as the column-parallel q/k/v shards keep the ratio).
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.scale, dropout_p=dropout,
-                                                 enable_gqa=q.shape[1] != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                                 dropout_p=dropout, enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+
+def _future(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[queries, keys] bools: key j lies after query i (what causal attention hides)."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
+
+
+class CrossAttention(Attention):
+    """An encoder-decoder's cross-attention: queries from the decoder stream x, keys and values from the
+    encoder's output (`memory`), no positions (none are shared between the two sequences) and no causal mask,
+    so every decoder position sees the whole encoder and nothing of the decoder. μP roles as in self-attention
+    (q query, k/v hidden_in, o hidden_out) with the same α_attn/d_head scale: the scores are still dot products
+    of width-sized vectors that become correlated in training.
+
+    Under TP the memory enters the TP region through its own entry (one all-gather of the encoder's sequence
+    under SP, one gradient reduction backward); under SP the decoder's and the encoder's sequences are both split.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**{**kwargs, "rotary": False, "causal": False})
+        self.enter_memory = TensorParallelInput(group=kwargs.get("group"),
+                                                sequence_parallel=kwargs.get("sequence_parallel", False))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, memory = self.enter(x), self.enter_memory(memory)
+        q, k, v = self._project(self.q, x), self._project(self.k, memory), self._project(self.v, memory)
+        return self.o(_maybe_recompute(self.recompute_core, self._core, q, k, v))
+
+
+RELATIVE_BUCKETS, RELATIVE_MAX_DISTANCE = 32, 128  # T5's: buckets per table, distance beyond which all share one
+
+
+class RelativePositionBias(TensorParallelLayer):
+    """T5's relative positions: one learned score per (distance bucket, head), added to every layer's attention
+    scores (one table per stack, shared by its layers). Distances below half the buckets each get their own
+    bucket; longer ones share buckets spaced logarithmically up to `max_distance`, beyond which all share the
+    last. `bidirectional` (the encoder) gives keys before and after the query separate halves of the buckets;
+    the causal decoder only looks back.
+
+    μP: a lookup table whose size (buckets × heads) does not grow with the width and whose entries enter the
+    scores directly, so its init and Adam LR stay width-independent: the `position` role (σ, η), like learned
+    positions. Heads are split over TP, so its columns are too (partition dim 1).
+    """
+
+    def __init__(self, n_heads: int, bidirectional: bool, n_buckets: int = RELATIVE_BUCKETS,
+                 max_distance: int = RELATIVE_MAX_DISTANCE, *,
+                 group: Optional[ProcessGroup] = None) -> None:
+        super().__init__(group, sequence_parallel=False)
+        self.bidirectional, self.n_buckets, self.max_distance = bidirectional, n_buckets, max_distance
+        self.weight = tag_parameter(nn.Parameter(torch.empty(n_buckets, self._shard_size(n_heads, "n_heads"))), 1,
+                                    self.tp_size)
+        assign_role(self.weight, Role.POSITION)
+
+    def buckets(self, queries: int, keys: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """[queries, keys] bucket index of key j's offset from query i."""
+        offset = torch.arange(keys, device=device)[None, :] - torch.arange(queries, device=device)[:, None]
+        n, base = self.n_buckets, torch.zeros_like(offset)
+        if self.bidirectional:
+            n //= 2
+            base = torch.where(offset > 0, n, 0)
+            distance = offset.abs()
+        else:
+            distance = (-offset).clamp(min=0)
+        exact = n // 2
+        far = exact + (torch.log(distance.clamp(min=1).float() / exact) / math.log(self.max_distance / exact)
+                       * (n - exact)).long()
+        return base + torch.where(distance < exact, distance, far.clamp(max=n - 1))
+
+    def forward(self, queries: int, keys: int) -> torch.Tensor:
+        """[1, this rank's heads, queries, keys] scores to add."""
+        table = self.weight[self.buckets(queries, keys, self.weight.device)]  # [queries, keys, heads]
+        return table.permute(2, 0, 1).unsqueeze(0)
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -256,12 +339,36 @@ class Block(nn.Module):
         self.dropout = ShardedDropout(dropout, sequence_sharded)
         self.recompute_block, self.recompute_norms = recompute_block, recompute_norms
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _maybe_recompute(self.recompute_block, self._forward, x)
+    def forward(self, x: torch.Tensor, position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _maybe_recompute(self.recompute_block, self._forward, x, position_bias)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(_maybe_recompute(self.recompute_norms, self.attn_norm, x)))
-        return x + self.dropout(self.mlp(_maybe_recompute(self.recompute_norms, self.mlp_norm, x)))
+    def _forward(self, x: torch.Tensor, position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self._norm(self.attn_norm, x), position_bias))
+        return x + self.dropout(self.mlp(self._norm(self.mlp_norm, x)))
+
+    def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _maybe_recompute(self.recompute_norms, norm, x)
+
+
+class DecoderBlock(Block):
+    """An encoder-decoder's decoder block: x + self_attn(norm(x)) (causal), then + cross_attn(norm(x), memory)
+    over the encoder's output, then + mlp(norm(x)); pre-norm and recomputation as in `Block`."""
+
+    def __init__(self, attention: Attention, cross_attention: CrossAttention, mlp: nn.Module, attn_norm: nn.Module,
+                 cross_norm: nn.Module, mlp_norm: nn.Module, dropout: float, sequence_sharded: bool = False, *,
+                 recompute_block: bool = False, recompute_norms: bool = False) -> None:
+        super().__init__(attention, mlp, attn_norm, mlp_norm, dropout, sequence_sharded,
+                         recompute_block=recompute_block, recompute_norms=recompute_norms)
+        self.cross_norm, self.cross_attn = cross_norm, cross_attention
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor,  # type: ignore[override]
+                position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return _maybe_recompute(self.recompute_block, self._decode, x, memory, position_bias)
+
+    def _decode(self, x: torch.Tensor, memory: torch.Tensor, position_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self._norm(self.attn_norm, x), position_bias))
+        x = x + self.dropout(self.cross_attn(self._norm(self.cross_norm, x), memory))
+        return x + self.dropout(self.mlp(self._norm(self.mlp_norm, x)))
 
 
 class EmbeddingLayer(nn.Module):

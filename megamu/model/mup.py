@@ -18,6 +18,12 @@ matrix; not `hidden_out`, as it adds nothing to the residual stream); its norm g
 `norm`/`bias`; the decoder (vocabulary projection) is `readout`, with logits × α_out/m. Bidirectional
 attention changes no scale: scores still take α_attn/d_head.
 
+Encoder-decoder (model.arch=t5) roles are these same ones too: cross-attention's q is `query`, k and v
+`hidden_in`, o `hidden_out` (width × width matrices like self-attention's, with the same α_attn/d_head, since
+queries and keys from two sequences still become correlated in training); the relative-position tables
+(buckets × heads, no width dimension, entering the scores directly) are `position`; the embedding shared by
+encoder and decoder is `embedding`.
+
 Hidden learning rate per optimizer (`hidden_lr_mult`). μP asks that a hidden matrix's update change its
 output coordinates by Θ(1) whatever the width; equivalently (the spectral view) that ‖ΔW‖₂ scale like
 √(fan_out/fan_in). Adam's update is elementwise ±η-sized, so its spectral norm grows like the width n and

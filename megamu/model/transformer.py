@@ -4,6 +4,7 @@
 one tensor, and `forward` is a loop over them, so pipeline parallelism can hand the same layers to
 DeepSpeed's PipelineModule. Decoders (llama, gpt2) attend causally; bert attends both ways and puts its
 masked-LM transform (final norm, dense, GELU, norm) in the final norm's place, its labels the masked tokens.
+t5 (`encoder_decoder.py`) builds its encoder and decoder stacks from the same `layer_builders`.
 
 Padded vocabulary: the readout emits V_padded logits (cfg.padded_vocab_size(), for fast and TP-divisible
 matmuls). The loss excludes padded entries from the softmax, so they never receive probability; callers
@@ -28,30 +29,56 @@ import torch
 from torch import nn
 from torch.distributed import ProcessGroup
 
-from megamu.config import Config, ConfigError, pipeline_blocks
+from megamu.config import Config, ConfigError, pipeline_blocks, rms_swiglu, span_layout
 from megamu.model import mup
-from megamu.model.layers import (Attention, Block, EmbeddingLayer, GeluMLP, LayerNorm, MaskedLMTransform, Readout,
-                                 RMSNorm, SwiGLU, make_norm)
+from megamu.model.layers import (Attention, Block, CrossAttention, DecoderBlock, EmbeddingLayer, GeluMLP, LayerNorm,
+                                 MaskedLMTransform, Readout, RMSNorm, RELATIVE_BUCKETS, SwiGLU, make_norm)
 from megamu.parallel.layers import register_partial_grad_allreduce
 from megamu.parallel.mappings import group_size
 
 
+def _attention(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool, *, causal: bool,
+               kind: type[Attention] = Attention) -> Attention:
+    m = cfg.model
+    return kind(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
+                scale=mup.attention_scale(cfg), qk_norm=m.qk_norm, norm_eps=m.norm_eps, rotary=cfg.rotary,
+                rope_theta=m.rope_theta, max_seq_len=m.seq_len, dropout=m.dropout, causal=causal,
+                recompute_core=cfg.train.activation_checkpointing == "selective", group=group,
+                sequence_parallel=sequence_parallel)
+
+
+def _mlp(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> nn.Module:
+    m, tp = cfg.model, dict(group=group, sequence_parallel=sequence_parallel)
+    if rms_swiglu(m.arch):
+        return SwiGLU(m.hidden_size, cfg.ffn_hidden_size,
+                      recompute_activation=cfg.train.activation_checkpointing == "selective", **tp)
+    return GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp)
+
+
+def _recompute(cfg: Config) -> dict[str, bool]:
+    checkpointing = cfg.train.activation_checkpointing
+    return dict(recompute_block=checkpointing == "full", recompute_norms=checkpointing == "selective")
+
+
 def build_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> Block:
     """One transformer block of this TP rank, with cfg.train.activation_checkpointing applied: every builder
-    of blocks (this model, pipeline stages) calls this, so they recompute the same regions."""
+    of blocks (this model, pipeline stages) calls this, so they recompute the same regions. Causal for the
+    decoders, bidirectional for bert and t5's encoder."""
     m = cfg.model
-    tp = dict(group=group, sequence_parallel=sequence_parallel)
-    selective = cfg.train.activation_checkpointing == "selective"
-    attention = Attention(arch=m.arch, hidden_size=m.hidden_size, n_heads=m.n_heads, n_kv_heads=cfg.kv_heads,
-                          scale=mup.attention_scale(cfg), qk_norm=m.qk_norm, norm_eps=m.norm_eps,
-                          rotary=cfg.rotary, rope_theta=m.rope_theta, max_seq_len=m.seq_len, dropout=m.dropout,
-                          causal=m.arch != "bert", recompute_core=selective, **tp)
-    mlp = (SwiGLU(m.hidden_size, cfg.ffn_hidden_size, recompute_activation=selective, **tp) if m.arch == "llama"
-           else GeluMLP(m.hidden_size, cfg.ffn_hidden_size, **tp))
-    return Block(attention, mlp, attn_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel),
-                 mlp_norm=make_norm(m.arch, m.hidden_size, m.norm_eps, sequence_parallel), dropout=m.dropout,
-                 sequence_sharded=sequence_parallel, recompute_block=cfg.train.activation_checkpointing == "full",
-                 recompute_norms=selective)
+    norm = partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
+    return Block(_attention(cfg, group, sequence_parallel, causal=m.arch not in ("bert", "t5")),
+                 _mlp(cfg, group, sequence_parallel), attn_norm=norm(), mlp_norm=norm(), dropout=m.dropout,
+                 sequence_sharded=sequence_parallel, **_recompute(cfg))
+
+
+def build_decoder_block(cfg: Config, group: Optional[ProcessGroup], sequence_parallel: bool) -> DecoderBlock:
+    """One block of t5's decoder: causal self-attention, cross-attention over the encoder, MLP."""
+    m = cfg.model
+    norm = partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)
+    return DecoderBlock(_attention(cfg, group, sequence_parallel, causal=True),
+                        _attention(cfg, group, sequence_parallel, causal=False, kind=CrossAttention),
+                        _mlp(cfg, group, sequence_parallel), attn_norm=norm(), cross_norm=norm(), mlp_norm=norm(),
+                        dropout=m.dropout, sequence_sharded=sequence_parallel, **_recompute(cfg))
 
 
 LayerBuilder = tuple[type[nn.Module], Callable[[], nn.Module]]
@@ -88,23 +115,28 @@ def layer_builders(cfg: Config, tp_group: Optional[ProcessGroup] = None,
                    pipeline: bool = False) -> list[LayerBuilder]:
     """(class, builder) of every layer in order: embedding, blocks, final norm, readout. The Transformer
     builds them all; a pipeline stage builds only its own (`pipeline`: with the fused loss, the readout
-    passes its input on to the pipeline's loss function)."""
+    passes its input on to the pipeline's loss function). t5: embedding (shared by encoder and decoder),
+    encoder blocks, encoder norm, decoder blocks, decoder norm, readout."""
     m = cfg.model
     sequence_parallel = cfg.parallel.sequence_parallel and group_size(tp_group) > 1
     tp = dict(group=tp_group, sequence_parallel=sequence_parallel)
     embedding = partial(EmbeddingLayer, cfg.padded_vocab_size(), m.hidden_size,
-                        max_seq_len=None if cfg.rotary else m.seq_len,
+                        max_seq_len=None if cfg.rotary or m.arch == "t5" else m.seq_len,
                         input_mult=mup.input_multiplier(cfg), dropout=m.dropout, **tp)
     block = partial(build_block, cfg, tp_group, sequence_parallel)
     # bert: the masked-LM head's transform, which begins with the final norm, in the final norm's place
     final_class, final_norm = ((MaskedLMTransform, partial(MaskedLMTransform, m.hidden_size, m.norm_eps, **tp))
                                if m.arch == "bert" else
-                               (RMSNorm if m.arch == "llama" else LayerNorm,
+                               (RMSNorm if rms_swiglu(m.arch) else LayerNorm,
                                 partial(make_norm, m.arch, m.hidden_size, m.norm_eps, sequence_parallel)))
     fused = cfg.train.fused_cross_entropy
     readout = partial(Readout, m.hidden_size, cfg.padded_vocab_size(), logit_mult=mup.output_multiplier(cfg),
                       fused=fused, pass_input=pipeline and fused, **tp)
-    return [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (final_class, final_norm), (Readout, readout)]
+    stack = [(EmbeddingLayer, embedding), *[(Block, block)] * m.n_layers, (final_class, final_norm)]
+    if m.arch == "t5":
+        decoder_block = partial(build_decoder_block, cfg, tp_group, sequence_parallel)
+        stack += [*[(DecoderBlock, decoder_block)] * m.n_layers, (final_class, final_norm)]
+    return stack + [(Readout, readout)]
 
 
 class Transformer(nn.Module):
@@ -142,7 +174,7 @@ def parameter_layout(cfg: Config) -> dict[str, tuple[Optional[int], str]]:
     Read from a model built on the meta device (no memory, no init), e.g. to merge TP checkpoint shards.
     """
     with torch.device("meta"):
-        model = Transformer(cfg)
+        model = _new_model(cfg, None)
     return {name: (p.partition_dim, p.mup_role) for name, p in model.named_parameters()}
 
 
@@ -159,8 +191,17 @@ def check_buildable(cfg: Config, tp_group: Optional[ProcessGroup]) -> None:
                           f"get_parallel_state().get_tensor_model_parallel_group()")
 
 
-def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> Transformer:
-    """This TP rank's transformer on CPU in fp32, initialised by μP's rules (mup.init_weights) from
+def _new_model(cfg: Config, tp_group: Optional[ProcessGroup]) -> nn.Module:
+    """The uninitialised model of cfg.model.arch: a Transformer, or t5's EncoderDecoder."""
+    if cfg.model.arch == "t5":
+        from megamu.model.encoder_decoder import EncoderDecoder  # it imports this module's layer_builders
+
+        return EncoderDecoder(cfg, tp_group)
+    return Transformer(cfg, tp_group)
+
+
+def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> nn.Module:
+    """This TP rank's transformer (t5: encoder-decoder) on CPU in fp32, initialised by μP's rules (mup.init_weights) from
     cfg.train.seed; the shards of a TP=k model gather to the TP=1 model's weights.
 
     tp_group: the tensor-parallel group of cfg.parallel.tensor ranks (None when it is 1). Gradients of
@@ -168,25 +209,39 @@ def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> Transfo
     over it in backward.
     """
     check_buildable(cfg, tp_group)
-    model = Transformer(cfg, tp_group)
+    model = _new_model(cfg, tp_group)
     mup.init_weights(model, cfg)
     register_partial_grad_allreduce(model, tp_group)
     return model
 
 
-def param_counts(cfg: Config) -> dict[str, int]:
-    """{"total", "non_embedding"} from the config; non-embedding excludes token and position embeddings only."""
+def _block_sizes(cfg: Config) -> dict[str, int]:
+    """Parameters of one attention (self or cross), one MLP and one norm."""
     m = cfg.model
     h, hd, ffn = m.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     kv = cfg.kv_heads * hd
-    gpt2 = m.arch != "llama"  # gpt2 and bert: LayerNorm, biases, GELU MLP
-    norm = 2 * h if gpt2 else h  # LayerNorm has a bias
+    gpt2 = not rms_swiglu(m.arch)  # gpt2 and bert: LayerNorm, biases, GELU MLP
     head_norm = (2 * hd if gpt2 else hd) if m.qk_norm else 0
-    attention = 2 * h * h + 2 * h * kv + 2 * head_norm + ((2 * h + 2 * kv) if gpt2 else 0)
-    mlp = (2 * h * ffn + ffn + h) if gpt2 else 3 * h * ffn
-    per_block = attention + mlp + 2 * norm
+    return {"attention": 2 * h * h + 2 * h * kv + 2 * head_norm + ((2 * h + 2 * kv) if gpt2 else 0),
+            "mlp": (2 * h * ffn + ffn + h) if gpt2 else 3 * h * ffn,
+            "norm": 2 * h if gpt2 else h,  # LayerNorm has a bias
+            "cross_kv": 2 * h * kv}
+
+
+def param_counts(cfg: Config) -> dict[str, int]:
+    """{"total", "non_embedding"} from the config; non-embedding excludes token and position embeddings only
+    (t5's relative-position tables count as position embeddings)."""
+    m = cfg.model
+    h, size = m.hidden_size, _block_sizes(cfg)
+    norm = size["norm"]
+    per_block = size["attention"] + size["mlp"] + 2 * norm
     vocab = cfg.padded_vocab_size()
     readout = vocab * h
+    if m.arch == "t5":
+        decoder_block = 2 * size["attention"] + size["mlp"] + 3 * norm
+        non_embedding = m.n_layers * (per_block + decoder_block) + 2 * norm + readout
+        positions = 2 * RELATIVE_BUCKETS * m.n_heads if cfg.relative_positions else 0
+        return {"total": non_embedding + vocab * h + positions, "non_embedding": non_embedding}
     embedding = vocab * h + (0 if cfg.rotary else m.seq_len * h)
     head = h * h + h + norm if m.arch == "bert" else 0  # the masked-LM transform: dense and its norm
     non_embedding = m.n_layers * per_block + norm + head + readout
@@ -194,6 +249,19 @@ def param_counts(cfg: Config) -> dict[str, int]:
 
 
 def flops_per_token(cfg: Config) -> int:
-    """Training FLOPs per token: 6·N_non_embedding + 12·L·heads·head_dim·seq_len (attention scores)."""
+    """Training FLOPs per token: 6·N_non_embedding + 12·L·heads·head_dim·seq_len (attention scores).
+
+    t5 counts FLOPs per sample over its seq_len text tokens: the encoder's parameters (and the decoder's
+    cross-attention keys and values) act on encoder_len positions, the rest of the decoder's on decoder_len,
+    and the scores are encoder², decoder² and decoder × encoder."""
     m = cfg.model
-    return 6 * param_counts(cfg)["non_embedding"] + 12 * m.n_layers * m.n_heads * cfg.head_dim * m.seq_len
+    attention = 12 * m.n_layers * m.n_heads * cfg.head_dim
+    non_embedding = param_counts(cfg)["non_embedding"]
+    if m.arch != "t5":
+        return 6 * non_embedding + attention * m.seq_len
+    layout, size = span_layout(cfg), _block_sizes(cfg)
+    enc, dec = layout.encoder_len, layout.decoder_len
+    on_encoder = m.n_layers * (size["attention"] + size["mlp"] + 2 * size["norm"] + size["cross_kv"]) + size["norm"]
+    per_sample = (6 * (on_encoder * enc + (non_embedding - on_encoder) * dec)
+                  + attention * (enc * enc + dec * dec + dec * enc))
+    return round(per_sample / m.seq_len)

@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from megamu.config import Config, ConfigError
-from megamu.data.masking import inputs_and_labels, objective_batch
+from megamu.config import Config, ConfigError, text_vocab_size
+from megamu.data.objectives import inputs_and_labels, objective_batch
 from megamu.model import build_model, mup
-from megamu.model.layers import Block, EmbeddingLayer
+from megamu.model.layers import Block, DecoderBlock, EmbeddingLayer
 from megamu.parallel.layers import ParallelReadout
 from megamu.scaling.widths import config_at_width
 
@@ -32,12 +32,13 @@ def token_batches(cfg: Config, n_batches: int, batch_size: int, data_prefix: Opt
                   seed: int = 0) -> list[torch.Tensor]:
     """`n_batches` LongTensors [batch_size, seq_len + 1]: consecutive windows of the tokenized documents at
     `data_prefix` (a .bin/.idx prefix), or deterministic uniform random tokens when it is None; for bert
-    masked-LM batches [batch_size, 2, seq_len] of those windows (megamu.data.masking)."""
+    masked-LM batches [batch_size, 2, seq_len] of those windows (megamu.data.masking), for t5 span-corruption
+    batches [batch_size, 3, seq_len] (megamu.data.span_corruption); random tokens avoid t5's sentinel ids."""
     window = cfg.model.seq_len + 1
     needed = n_batches * batch_size * window
     if data_prefix is None:
         generator = torch.Generator().manual_seed(seed)
-        tokens = torch.randint(0, cfg.model.vocab_size, (needed,), generator=generator)
+        tokens = torch.randint(0, text_vocab_size(cfg), (needed,), generator=generator)
     else:
         from megamu.data.indexed import IndexedDataset
 
@@ -77,6 +78,8 @@ def watched_modules(model: nn.Module) -> dict[str, nn.Module]:
         elif isinstance(layer, Block):
             watched[f"block{block_index}.attn"] = layer.attn
             watched[f"block{block_index}.mlp"] = layer.mlp
+            if isinstance(layer, DecoderBlock):
+                watched[f"block{block_index}.cross"] = layer.cross_attn
             watched[f"block{block_index}.residual"] = layer
             block_index += 1
         elif isinstance(layer, ParallelReadout):

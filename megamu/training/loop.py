@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megamu.checkpoint import (DataPosition, check_loaded_position, check_resume, current_layout, load_checkpoint,
                                plan_resume, read_pointer, resume_tag, save_checkpoint, save_data_position, tag_for,
                                with_load_universal)
-from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config
+from megamu.config import Config, data_parallel_size, data_prefixes, resolve, save_config, text_vocab_size
 from megamu.data.vocabulary import check_token_ids
 from megamu.errors import MegamuError
 from megamu.parallel.watchdog import start_watchdog
@@ -73,7 +73,8 @@ class Trainer:
         world_size = apply_launch_env().world_size
         self.notes = resolve(cfg, world_size, need_data=True)
         self.cfg = cfg
-        check_token_ids(data_prefixes(cfg), cfg.model.vocab_size, cfg.data.tokenizer_model)
+        check_token_ids(data_prefixes(cfg), cfg.model.vocab_size, cfg.data.tokenizer_model,
+                        cfg.model.vocab_size - text_vocab_size(cfg))
         dp_size = data_parallel_size(cfg, world_size)
         self.ds_config = build_ds_config(cfg, dp_size)  # refuses bad combinations before any allocation
         t = cfg.train
