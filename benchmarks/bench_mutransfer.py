@@ -1,7 +1,8 @@
 """μTransfer check: final loss vs log2(η) at widths 64..512, under μP and under SP, on the sample corpus.
 
     python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 300] [--parallel 2]
-        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR] [--arch bert]
+        [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR] [--arch bert|t5]
+        [--demo-recipe]
 
 Model: the shipped mup_proxy config (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
 the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
@@ -9,7 +10,9 @@ SP: mup.enabled=false. At width 64 (m = 1) μP and SP are the same model with th
 tested invariant), so SP reuses the μP runs there. Writes the two PNGs to benchmarks/figures/ (or
 --figures) and prints the Markdown table for BENCHMARKS.md. Re-running resumes: finished runs are kept;
 --report-only tabulates what has finished (e.g. a wide width run at fewer η) without launching.
-`--arch bert` runs the same proxy as an encoder (masked-LM loss; figures mutransfer_bert_{mup,sp}.png).
+`--arch bert` runs the same proxy as an encoder (masked-LM loss; figures mutransfer_bert_{mup,sp}.png),
+`--arch t5` as an encoder-decoder (span-corruption loss). `--demo-recipe` trains every run on make demo's
+budget (σ-initialised readout, 200 × 32 sequences, η annealed to 0), which leaves the unigram plateau.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import sys
 import time
 from typing import Optional
 
-from megamu.demo import prepare_sample_data
+from megamu.demo import DEMO_OVERRIDES, prepare_sample_data
 from megamu.scaling.launch import (
     FINAL_STATUSES,
     MetricRule,
@@ -39,6 +42,7 @@ FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures")  #
 BASE_WIDTH = 64
 WIDTHS = [32, 64, 128, 256]
 LOG2_LRS = [-10, -9, -8, -7, -6, -5]
+ARCHS = ("llama", "bert", "t5")
 # Every run sees the same batches in the same order. Default score: the validation loss at the end
 # (train.eval_iters batches held out, the same for every run); `--metric train` scores the mean train
 # loss of the last 10 records instead.
@@ -48,6 +52,18 @@ def bench_data(data_dir: str = "runs/bench/data") -> list[str]:
     """Overrides pointing the proxy config at the benchmark corpus (built once, then reused)."""
     data = prepare_sample_data(data_dir, documents=600, vocab_size=1024)
     return [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}"]
+
+
+def budget_overrides(demo_recipe: bool, steps: int, batch: int) -> list[str]:
+    """Every run's budget: make demo's (which leaves the unigram plateau), or `steps` × `batch` sequences."""
+    if demo_recipe:
+        return list(DEMO_OVERRIDES)
+    return [f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}"]
+
+
+def arch_overrides(arch: str) -> list[str]:
+    """The proxy as `arch`; none for the decoder, whose runs keep their overrides (and so their finished runs)."""
+    return [] if arch == "llama" else [f"model.arch={arch}"]
 
 
 def lr_values(log2s: list[float]) -> list[float]:
@@ -121,15 +137,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="launch nothing: tabulate and plot the runs that finished (n/a for the others)")
     parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
-    parser.add_argument("--arch", default="llama", choices=("llama", "bert"), help="model.arch of the proxy")
+    parser.add_argument("--arch", default="llama", choices=ARCHS, help="model.arch of the proxy")
+    parser.add_argument("--demo-recipe", action="store_true",
+                        help="every run on make demo's budget (megamu.demo.DEMO_OVERRIDES); --steps, --batch unused")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
     rule = MetricRule(metric=args.metric, smooth=10)
-    overrides = [*bench_data(), f"train.max_steps={args.steps}", f"train.global_batch_size={args.batch}",
-                 f"train.micro_batch_size={args.batch}"]
-    if args.arch != "llama":  # the decoder's runs keep their overrides (and so their finished runs)
-        overrides.append(f"model.arch={args.arch}")
+    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch),
+                 *arch_overrides(args.arch)]
     figure_prefix = "mutransfer" if args.arch == "llama" else f"mutransfer_{args.arch}"
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
     start = time.time()
@@ -144,10 +160,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(args.figures, exist_ok=True)
+    budget = "make demo's budget" if args.demo_recipe else f"{args.steps} steps × {args.batch} sequences"
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
         plot_loss_vs_value(results, os.path.join(args.figures, f"{figure_prefix}_{name}.png"), rule.metric,
-                           title=f"{label}: {score} vs log2(η), {args.steps} steps × {args.batch} sequences")
+                           title=f"{label} {args.arch}: {score} vs log2(η), {budget}")
     step = min(b - a for a, b in zip(sorted(log2s), sorted(log2s)[1:]))
     lines = [*markdown("μP", mup, log2s, widths, score), "", *markdown("SP", sp, log2s, widths, score), "",
              *verdict(mup, sp, widths, step), "", f"Wall time: {(time.time() - start) / 60:.1f} min."]

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
         [--log2-lrs=-10,-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
-        [--figures DIR] [--demo-recipe] [--ladders mup,sp]
+        [--figures DIR] [--demo-recipe] [--ladders mup,sp] [--arch llama|bert|t5]
 
 Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
 sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
@@ -33,10 +33,10 @@ import time
 from typing import Optional
 
 # Run as a script, so this directory is on sys.path.
-from bench_mutransfer import BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, bench_data, lr_values
+from bench_mutransfer import (ARCHS, BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, arch_overrides, bench_data,
+                              budget_overrides, lr_values)
 
 from megamu.config import fill_vocab_size, load_config
-from megamu.demo import DEMO_OVERRIDES
 from megamu.errors import FitError
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder
 from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all
@@ -121,7 +121,8 @@ def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace)
         print(f"left out of the fit: {note}")
     print(format_report(report))
     budget = "demo" if args.demo_recipe else f"{args.steps}steps"
-    plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{name}_{budget}.png"))
+    arch = "" if args.arch == "llama" else f"{args.arch}_"
+    plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{arch}{name}_{budget}.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
         json.dump(report, handle, indent=1)
     return report
@@ -145,13 +146,6 @@ def row(label: str, report: dict) -> str:
     return (f"| {label} | {len(fitted)} | {scored['x']:,.0f} ({ratio:.1f}×) | {runs}{scored['actual']:.4f} | "
             f"{scored['predicted']:.4f} | {scored['rel_error'] * 100:+.2f}% | [{lo:.4f}, {hi:.4f}] {inside} | "
             f"{fit['a']:.3g}·N^{fit['b']:.3f} + {fit['c']:.3f} |")
-
-
-def budget_overrides(demo_recipe: bool, steps: int, batch: int) -> list[str]:
-    """Every run's budget: make demo's (which leaves the unigram plateau), or `steps` × `batch` sequences."""
-    if demo_recipe:
-        return list(DEMO_OVERRIDES)
-    return [f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}"]
 
 
 def selection_row(label: str, report: dict) -> str:
@@ -192,6 +186,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="make demo's budget and settings for every run (--steps, --batch unused)")
+    parser.add_argument("--arch", default="llama", choices=ARCHS, help="model.arch of the proxy and its ladder")
     parser.add_argument("--ladders", default="mup,sp", help="which ladders to train: mup, sp or both")
     args = parser.parse_args(argv)
     args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
@@ -200,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.ladders or set(args.ladders) - {"mup", "sp"}:
         parser.error(f"--ladders takes mup, sp or mup,sp, got {','.join(args.ladders) or 'nothing'}")
     start = time.time()
-    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch)]
+    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch), *arch_overrides(args.arch)]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
     lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
