@@ -1,6 +1,7 @@
 """model.arch=t5 through the real trainer and the μScaling tools: span-corruption samples from the .bin/.idx
-data, the loss falls, a TP=2 run with sequence parallelism stopped and resumed gives the single process's
-losses, decoder-only tools refuse it, and a ladder is planned with the encoder-decoder's parameter counts."""
+data, the loss falls, a TP=2 run with sequence parallelism stopped and resumed and a ZeRO 3 run over two
+data-parallel ranks give the single process's losses, decoder-only tools refuse it, and a ladder is planned
+with the encoder-decoder's parameter counts."""
 from __future__ import annotations
 
 import pytest
@@ -16,8 +17,8 @@ from test_train_e2e import MAX_STEPS, losses, train_ok, write_config
 T5 = ["model.arch=t5", "model.seq_len=40"]
 
 
-def test_trainer_runs_t5_the_loss_falls_and_tp2_sp_resumed_equals_tp1(tmp_path, tiny_tokenizer, tiny_dataset_prefix,
-                                                                     capsys):
+def test_trainer_runs_t5_the_loss_falls_and_tp2_sp_resumed_and_zero3_dp2_equal_one_process(
+        tmp_path, tiny_tokenizer, tiny_dataset_prefix, capsys):
     config = write_config(str(tmp_path / "t5.yaml"), tiny_tokenizer.model_path, tiny_dataset_prefix,
                           str(tmp_path / "runs"))
     whole = losses(train_ok(config, tmp_path / "whole", *T5))
@@ -30,6 +31,9 @@ def test_trainer_runs_t5_the_loss_falls_and_tp2_sp_resumed_equals_tp1(tmp_path, 
     resumed = losses(str(stopped))
     assert resumed.keys() == whole.keys()
     assert all(resumed[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (resumed, whole)
+    # ZeRO 3 over two data-parallel ranks: the embedding, shared by encoder and decoder, is gathered twice a step.
+    zero3 = losses(train_ok(config, tmp_path / "zero3", *T5, nprocs=2, ds="zero3"))
+    assert all(zero3[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (zero3, whole)
     assert generate_tool.main([str(stopped), "--prompt", "the"]) == 2  # a decoder's tool refuses it
     assert "span-corruption encoder-decoder" in capsys.readouterr().err
 
