@@ -1,6 +1,6 @@
 """model.arch=bert: config keys and refusals, the bidirectional encoder with its masked-LM head and μP roles,
 masked-LM samples (counts, labels, whole words, determinism per seed and sample), a run through the trainer
-(the loss falls; PP=2, stopped and resumed, gives the single process's losses), a ladder of bert rungs.
+(the loss falls; PP=2, stopped and resumed, gives the single process's losses). Its ladder is in test_ladder.py,
 μP = SP at the base width and TP=2 = TP=1 are in test_mup.py and test_tp_model.py, the coordinate check in
 test_coord_check.py, parametrized over bert."""
 from __future__ import annotations
@@ -14,8 +14,6 @@ from megamu.config import ConfigError, fill_mask_token_id, load_config
 from megamu.data.masking import IGNORE_INDEX, Masking, word_starts
 from megamu.data.objectives import inputs_and_labels, objective_datasets
 from megamu.model import build_model, mup, param_counts
-from megamu.scaling.ladder import TokenBudget, plan_ladder
-from test_ladder import base_config  # noqa: F401 (a fixture)
 from test_train_e2e import MAX_STEPS, losses, train_ok, write_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -171,15 +169,3 @@ def test_trainer_runs_bert_the_loss_falls_and_pp2_resumed_equals_pp1(tmp_path, t
     assert all(resumed[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (resumed, whole)
     assert generate_tool.main([str(stopped), "--prompt", "the"]) == 2  # a decoder's tool refuses an encoder
     assert "masked-LM encoder" in capsys.readouterr().err
-
-
-# ---- μScaling ------------------------------------------------------------------------------------
-
-def test_a_bert_ladder_is_planned_with_the_encoders_parameter_counts(base_config, tmp_path):
-    bert = ["model.arch=bert", "data.mask_token_id=3"]
-    specs = plan_ladder(base_config, bert, [64, 128], TokenBudget(tokens_per_param=0.5), str(tmp_path / "l"))
-    for spec in specs:
-        rung = load_config(spec.config, spec.overrides)
-        assert rung.model.arch == "bert" and rung.model.hidden_size == spec.labels["width"]
-        model_params = sum(p.numel() for p in build_model(rung).parameters())
-        assert spec.labels["params"] == param_counts(rung)["total"] == model_params

@@ -12,7 +12,7 @@ import yaml
 
 from megamu.cli import scale as scale_tool
 from megamu.config import ConfigError, load_config
-from megamu.model import mup, param_counts
+from megamu.model import build_model, mup, param_counts
 from megamu.scaling.fit import FitError
 from megamu.scaling.ladder import (
     TokenBudget,
@@ -98,6 +98,17 @@ def test_plan_tokens_proportional_to_params(base_config, tmp_path):
         assert spec.max_steps == -(-params // 2 // (4 * 32)) or spec.max_steps == int(-(-0.5 * params // 128))
         assert spec.max_steps * 128 >= 0.5 * params > (spec.max_steps - 1) * 128
     assert specs[0].max_steps < specs[1].max_steps < specs[2].max_steps
+
+
+@pytest.mark.parametrize("arch", [["model.arch=bert", "data.mask_token_id=3"], ["model.arch=t5", "model.vocab_size=612"]],
+                         ids=["bert", "t5"])
+def test_an_encoder_ladder_is_planned_with_its_own_parameter_counts(base_config, tmp_path, arch):
+    specs = plan_ladder(base_config, arch, [64, 128], TokenBudget(tokens_per_param=0.5), str(tmp_path / "l"))
+    for spec in specs:
+        rung = load_config(spec.config, spec.overrides)
+        assert rung.model.arch == arch[0].split("=")[1] and rung.model.hidden_size == spec.labels["width"]
+        model_params = sum(p.numel() for p in build_model(rung).parameters())
+        assert spec.labels["params"] == param_counts(rung)["total"] == model_params
 
 
 def test_budget_and_plan_errors(base_config, tmp_path):

@@ -1,16 +1,12 @@
 """model.arch=t5 through the real trainer and the μScaling tools: span-corruption samples from the .bin/.idx
 data, the loss falls, a TP=2 run with sequence parallelism stopped and resumed and a ZeRO 3 run over two
-data-parallel ranks give the single process's losses, decoder-only tools refuse it, and a ladder is planned
-with the encoder-decoder's parameter counts."""
+data-parallel ranks give the single process's losses, and decoder-only tools refuse it (its ladder is planned
+with its own parameter counts: test_ladder.py)."""
 from __future__ import annotations
 
 import pytest
 
 from megamu.cli import generate as generate_tool
-from megamu.config import load_config
-from megamu.model import build_model, param_counts
-from megamu.scaling.ladder import TokenBudget, plan_ladder
-from test_ladder import base_config  # noqa: F401 (a fixture)
 from test_train_e2e import MAX_STEPS, losses, train_ok, write_config
 
 # seq_len 40: 6 hidden tokens in 2 spans, encoder 36 and decoder 8 positions (even, for SP over 2 ranks)
@@ -36,13 +32,3 @@ def test_trainer_runs_t5_the_loss_falls_and_tp2_sp_resumed_and_zero3_dp2_equal_o
     assert all(zero3[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (zero3, whole)
     assert generate_tool.main([str(stopped), "--prompt", "the"]) == 2  # a decoder's tool refuses it
     assert "span-corruption encoder-decoder" in capsys.readouterr().err
-
-
-def test_a_t5_ladder_is_planned_with_the_encoder_decoders_parameter_counts(base_config, tmp_path):
-    t5 = ["model.arch=t5", "model.vocab_size=612"]
-    specs = plan_ladder(base_config, t5, [64, 128], TokenBudget(tokens_per_param=0.5), str(tmp_path / "l"))
-    for spec in specs:
-        rung = load_config(spec.config, spec.overrides)
-        assert rung.model.arch == "t5" and rung.model.hidden_size == spec.labels["width"]
-        model_params = sum(p.numel() for p in build_model(rung).parameters())
-        assert spec.labels["params"] == param_counts(rung)["total"] == model_params
