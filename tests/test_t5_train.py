@@ -4,10 +4,8 @@ data-parallel ranks give the single process's losses, and decoder-only tools ref
 with its own parameter counts: test_ladder.py)."""
 from __future__ import annotations
 
-import pytest
-
 from megamu.cli import generate as generate_tool
-from test_train_e2e import MAX_STEPS, losses, train_ok, write_config
+from test_train_e2e import MAX_STEPS, losses, same_losses, stopped_and_resumed, train_ok, write_config
 
 # seq_len 40: 6 hidden tokens in 2 spans, encoder 36 and decoder 8 positions (even, for SP over 2 ranks)
 T5 = ["model.arch=t5", "model.seq_len=40"]
@@ -22,13 +20,10 @@ def test_trainer_runs_t5_the_loss_falls_and_tp2_sp_resumed_and_zero3_dp2_equal_o
     # Stopped after step 3 and resumed on two TP ranks with the sequences split: the same samples (spans drawn
     # per sample index, not per rank or per resume) and the same model, so the single process's losses.
     stopped, tp2 = tmp_path / "stopped", ("parallel.tensor=2", "parallel.sequence_parallel=true")
-    train_ok(config, stopped, *T5, *tp2, "train.stop_at_step=3", nprocs=2)
-    train_ok(config, stopped, *T5, *tp2, "train.resume=true", nprocs=2)
-    resumed = losses(str(stopped))
-    assert resumed.keys() == whole.keys()
-    assert all(resumed[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (resumed, whole)
+    resumed = stopped_and_resumed(config, stopped, *T5, *tp2, nprocs=2)
+    assert same_losses(resumed, whole), (resumed, whole)
     # ZeRO 3 over two data-parallel ranks: the embedding, shared by encoder and decoder, is gathered twice a step.
     zero3 = losses(train_ok(config, tmp_path / "zero3", *T5, nprocs=2, ds="zero3"))
-    assert all(zero3[step] == pytest.approx(whole[step], rel=1e-5) for step in whole), (zero3, whole)
+    assert same_losses(zero3, whole), (zero3, whole)
     assert generate_tool.main([str(stopped), "--prompt", "the"]) == 2  # a decoder's tool refuses it
     assert "span-corruption encoder-decoder" in capsys.readouterr().err

@@ -40,6 +40,19 @@ def losses(run_dir: str) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_records(run_dir, "train")}
 
 
+def same_losses(actual: dict[int, float], expected: dict[int, float]) -> bool:
+    """The same steps with losses equal to REL_TOL (a layout or resume that changed the math is far off)."""
+    return actual.keys() == expected.keys() and all(actual[s] == pytest.approx(expected[s], rel=REL_TOL)
+                                                     for s in expected)
+
+
+def stopped_and_resumed(config: str, out_dir, *overrides: str, nprocs: int = 1, ds: str = "zero1") -> dict[int, float]:
+    """Losses of a run stopped after step 3 and resumed to the end."""
+    train_ok(config, out_dir, *overrides, "train.stop_at_step=3", nprocs=nprocs, ds=ds)
+    train_ok(config, out_dir, *overrides, "train.resume=true", nprocs=nprocs, ds=ds)
+    return losses(str(out_dir))
+
+
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, tiny_tokenizer, tiny_dataset_prefix) -> str:
     root = tmp_path_factory.mktemp("trainer")
