@@ -39,7 +39,12 @@ def _seed_everything(seed: int) -> None:
 
 
 def _bytes_per_token(cfg: Config) -> Optional[float]:
-    """Bytes per token of the (blended) data, for bits per byte; None when unknown."""
+    """Bytes per token of the (blended) data, for bits per byte; None when unknown, or when the loss is not
+    the text's next-token loss (bert's masked and t5's hidden tokens are a biased fifth of the text)."""
+    from megamu.data.objectives import OBJECTIVES
+
+    if cfg.model.arch in OBJECTIVES:
+        return None
     if cfg.data.bytes_per_token:
         return cfg.data.bytes_per_token
     from megamu.data import dataset_bytes_per_token
