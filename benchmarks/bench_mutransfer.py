@@ -2,7 +2,7 @@
 
     python benchmarks/bench_mutransfer.py [--out runs/bench/mutransfer] [--steps 300] [--parallel 2]
         [--widths 32,64,128,256] [--log2-lrs=-10,...,-5] [--report-only] [--figures DIR] [--arch bert|t5]
-        [--demo-recipe]
+        [--demo-recipe [--demo-steps N]]
 
 Model: the shipped mup_proxy config (llama, 2 layers, head dim 16, seq 64, batch 16, base width 64) on
 the first 600 sample-corpus files with a 1024-piece tokenizer. μP: mup.base_hidden_size stays 64;
@@ -54,10 +54,11 @@ def bench_data(data_dir: str = "runs/bench/data") -> list[str]:
     return [f"data.path={data.data_prefix}", f"data.tokenizer_model={data.tokenizer_model}"]
 
 
-def budget_overrides(demo_recipe: bool, steps: int, batch: int) -> list[str]:
-    """Every run's budget: make demo's (which leaves the unigram plateau), or `steps` × `batch` sequences."""
+def budget_overrides(demo_recipe: bool, steps: int, batch: int, demo_steps: Optional[int] = None) -> list[str]:
+    """Every run's budget: make demo's (which leaves the unigram plateau; `demo_steps` steps instead of its 200
+    when given), or `steps` × `batch` sequences."""
     if demo_recipe:
-        return list(DEMO_OVERRIDES)
+        return [*DEMO_OVERRIDES, *([f"train.max_steps={demo_steps}"] if demo_steps else [])]
     return [f"train.max_steps={steps}", f"train.global_batch_size={batch}", f"train.micro_batch_size={batch}"]
 
 
@@ -140,11 +141,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--arch", default="llama", choices=ARCHS, help="model.arch of the proxy")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="every run on make demo's budget (megamu.demo.DEMO_OVERRIDES); --steps, --batch unused")
+    parser.add_argument("--demo-steps", type=int, help="with --demo-recipe: this many steps instead of its 200")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]
     log2s = [float(v) for v in args.log2_lrs.split(",")]
     rule = MetricRule(metric=args.metric, smooth=10)
-    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch),
+    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch, args.demo_steps),
                  *arch_overrides(args.arch)]
     figure_prefix = "mutransfer" if args.arch == "llama" else f"mutransfer_{args.arch}"
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
@@ -160,7 +162,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(args.figures, exist_ok=True)
-    budget = "make demo's budget" if args.demo_recipe else f"{args.steps} steps × {args.batch} sequences"
+    budget = (f"make demo's budget, {args.demo_steps or 200} steps" if args.demo_recipe else
+              f"{args.steps} steps × {args.batch} sequences")
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
         plot_loss_vs_value(results, os.path.join(args.figures, f"{figure_prefix}_{name}.png"), rule.metric,

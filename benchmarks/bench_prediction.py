@@ -3,6 +3,7 @@
     python benchmarks/bench_prediction.py [--out runs/bench/prediction] [--steps 100] [--batch 8]
         [--log2-lrs=-10,-9,-8,-7,-6,-5] [--fit-widths 32,48,64,96,128,192] [--target-width 512] [--parallel 2]
         [--figures DIR] [--demo-recipe] [--ladders mup,sp] [--arch llama|bert|t5]
+        [--demo-steps N]
 
 Same model and corpus as bench_mutransfer.py. η is the best learning rate of a width-64 proxy
 sweep under the ladder's own budget, transferred unchanged. The ladder trains the fitted widths
@@ -51,11 +52,15 @@ FIT_WIDTHS = [32, 48, 64, 96, 128, 192]
 TARGET_WIDTH = 512
 
 
-def proxy_lr(overrides: list[str], log2s: list[float], out: str, parallel: int) -> float:
-    """The best η of a sweep at the proxy width under the ladder's own token budget."""
+def proxy_lr(overrides: list[str], log2s: list[float], out: str, parallel: int, candidates: list[str]) -> float:
+    """The best η of a sweep at the proxy width under the ladder's own token budget (identical finished runs
+    among `candidates`, e.g. the μTransfer sweep's width-64 runs, adopted rather than trained again)."""
     points = [{"train.lr": lr} for lr in lr_values(log2s)]
-    _, summary = run_sweep(SweepPlan(PROXY_CONFIG, overrides, points, [BASE_WIDTH], os.path.join(out, "proxy")),
-                           RULE, parallel)
+    plan = SweepPlan(PROXY_CONFIG, overrides, points, [BASE_WIDTH], os.path.join(out, "proxy"))
+    reused = reuse_identical_runs(plan.specs(), candidates)
+    if reused:
+        print(f"proxy sweep: reused identical runs {', '.join(reused)}")
+    _, summary = run_sweep(plan, RULE, parallel)
     if summary["best"] is None:
         raise SystemExit(f"no proxy run finished; see {os.path.join(out, 'proxy')}")
     return summary["best"]["hps"]["train.lr"]
@@ -120,7 +125,7 @@ def ladder(name: str, overrides: list[str], lr: float, args: argparse.Namespace)
     for note in dropped:
         print(f"left out of the fit: {note}")
     print(format_report(report))
-    budget = "demo" if args.demo_recipe else f"{args.steps}steps"
+    budget = (f"demo{args.demo_steps or ''}" if args.demo_recipe else f"{args.steps}steps")
     arch = "" if args.arch == "llama" else f"{args.arch}_"
     plot_prediction(report, fit, os.path.join(args.figures, f"prediction_{arch}{name}_{budget}.png"))
     with open(os.path.join(args.out, f"{name}.json"), "w") as handle:
@@ -186,6 +191,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--figures", default=FIGURES, help="where the PNGs go (default: %(default)s)")
     parser.add_argument("--demo-recipe", action="store_true",
                         help="make demo's budget and settings for every run (--steps, --batch unused)")
+    parser.add_argument("--demo-steps", type=int, help="with --demo-recipe: this many steps instead of its 200")
     parser.add_argument("--arch", default="llama", choices=ARCHS, help="model.arch of the proxy and its ladder")
     parser.add_argument("--ladders", default="mup,sp", help="which ladders to train: mup, sp or both")
     args = parser.parse_args(argv)
@@ -195,14 +201,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not args.ladders or set(args.ladders) - {"mup", "sp"}:
         parser.error(f"--ladders takes mup, sp or mup,sp, got {','.join(args.ladders) or 'nothing'}")
     start = time.time()
-    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch), *arch_overrides(args.arch)]
+    overrides = [*bench_data(), *budget_overrides(args.demo_recipe, args.steps, args.batch, args.demo_steps),
+                 *arch_overrides(args.arch)]
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.figures, exist_ok=True)
-    lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel)
+    candidates = [run for d in [args.mutransfer, *args.reuse] for run in finished_runs(os.path.join(d, "mup"))]
+    lr = proxy_lr(overrides, [float(v) for v in args.log2_lrs.split(",")], args.out, args.parallel, candidates)
     ladders = {"mup": ("μP", []), "sp": ("SP", ["mup.enabled=false"])}
     reports = {name: ladder(name, [*overrides, *extra], lr, args) for name, (_, extra) in ladders.items()
                if name in args.ladders}
-    budget = "make demo's budget (megamu.demo.DEMO_OVERRIDES)" if args.demo_recipe else \
+    budget = f"make demo's budget (DEMO_OVERRIDES), {args.demo_steps or 200} steps" if args.demo_recipe else \
         f"{args.steps} steps × {args.batch * 64} tokens"
     lines = ["| parametrization | runs fitted | held-out params (× largest fitted) | actual loss | predicted | "
              "rel. error | 90% interval, contains actual | fit |", "| --- | --- | --- | --- | --- | --- | --- | --- |",

@@ -100,8 +100,10 @@ def test_plan_tokens_proportional_to_params(base_config, tmp_path):
     assert specs[0].max_steps < specs[1].max_steps < specs[2].max_steps
 
 
-@pytest.mark.parametrize("arch", [["model.arch=bert", "data.mask_token_id=3"], ["model.arch=t5", "model.vocab_size=612"]],
-                         ids=["bert", "t5"])
+ENCODERS = [["model.arch=bert", "data.mask_token_id=3"], ["model.arch=t5", "model.vocab_size=612"]]
+
+
+@pytest.mark.parametrize("arch", ENCODERS, ids=["bert", "t5"])
 def test_an_encoder_ladder_is_planned_with_its_own_parameter_counts(base_config, tmp_path, arch):
     specs = plan_ladder(base_config, arch, [64, 128], TokenBudget(tokens_per_param=0.5), str(tmp_path / "l"))
     for spec in specs:

@@ -201,8 +201,8 @@ def _new_model(cfg: Config, tp_group: Optional[ProcessGroup]) -> nn.Module:
 
 
 def build_model(cfg: Config, tp_group: Optional[ProcessGroup] = None) -> nn.Module:
-    """This TP rank's transformer (t5: encoder-decoder) on CPU in fp32, initialised by μP's rules (mup.init_weights) from
-    cfg.train.seed; the shards of a TP=k model gather to the TP=1 model's weights.
+    """This TP rank's transformer (t5: encoder-decoder) on CPU in fp32, initialised by μP's rules
+    (mup.init_weights) from cfg.train.seed; the shards of a TP=k model gather to the TP=1 model's weights.
 
     tp_group: the tensor-parallel group of cfg.parallel.tensor ranks (None when it is 1). Gradients of
     replicated parameters that each rank sees only part of (norms under sequence parallelism) are summed
