@@ -82,7 +82,8 @@ class DataConfig:
     mlm_probability: float = 0.15
     mlm_mask_fraction: float = 0.8
     mlm_random_fraction: float = 0.1
-    mask_token_id: Optional[int] = None  # None = the tokenizer's <pad> id (never in megamu's encoded text)
+    # None = the tokenizer's <pad> id (never in megamu's encoded text), or one id appended above its pieces
+    mask_token_id: Optional[int] = None
     mlm_whole_words: bool = False  # predict whole words (pieces joined by the tokenizer's word boundaries)
     # model.arch=t5's span corruption of each sample's model.seq_len tokens: this fraction of them is hidden in
     # spans of this mean length, each span replaced by one sentinel; the sentinels are the top sentinel_tokens
@@ -478,20 +479,25 @@ def _seq_len_hint(cfg: Config) -> str:
 
 
 def fill_mask_token_id(cfg: Config) -> None:
-    """data.mask_token_id for model.arch=bert from the tokenizer's <pad> id when it is unset."""
+    """data.mask_token_id for model.arch=bert when it is unset: the tokenizer's <pad> id, or for a tokenizer
+    without one the id `fill_vocab_size` appended above its pieces."""
     d = cfg.data
     if cfg.model.arch != "bert" or d.mask_token_id is not None:
         return
-    pad = None
+    mask = None
     if d.tokenizer_model is not None and os.path.isfile(d.tokenizer_model):
         from megamu.data.tokenizer import Tokenizer
 
-        pad = Tokenizer(d.tokenizer_model).pad_id
-    if pad is None:
-        raise ConfigError(f"model.arch=bert needs a mask token: data.mask_token_id is unset and data.tokenizer_model "
-                          f"({d.tokenizer_model}) has no <pad> id to use; set data.mask_token_id to an id the data "
-                          f"never holds")
-    d.mask_token_id = pad
+        tokenizer = Tokenizer(d.tokenizer_model)
+        mask = tokenizer.pad_id
+        if mask is None and (cfg.model.vocab_size or 0) > tokenizer.vocab_size:
+            mask = tokenizer.vocab_size  # the first id above the pieces: appended for it when vocab_size was filled
+    if mask is None:
+        raise ConfigError(f"model.arch=bert needs a mask token: data.mask_token_id is unset, data.tokenizer_model "
+                          f"({d.tokenizer_model}) has no <pad> id to use and model.vocab_size "
+                          f"({cfg.model.vocab_size}) leaves no id above its pieces; unset model.vocab_size (megamu then "
+                          f"appends a mask id) or set data.mask_token_id to an id the data never holds")
+    d.mask_token_id = mask
 
 
 def _validate_pipeline(cfg: Config) -> None:
@@ -568,7 +574,16 @@ def fill_vocab_size(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer_model: {path} not found; train one with megamu-train-tokenizer")
     from megamu.data.tokenizer import Tokenizer
 
-    cfg.model.vocab_size = Tokenizer(path).vocab_size + (cfg.data.sentinel_tokens if cfg.model.arch == "t5" else 0)
+    tokenizer = Tokenizer(path)
+    cfg.model.vocab_size = tokenizer.vocab_size + appended_ids(cfg, tokenizer.pad_id)
+
+
+def appended_ids(cfg: Config, tokenizer_pad_id: Optional[int]) -> int:
+    """Ids the vocabulary holds above the tokenizer's pieces: t5's sentinels, or one mask id for bert when the
+    tokenizer has no <pad> to use as the mask and data.mask_token_id names none."""
+    if cfg.model.arch == "t5":
+        return cfg.data.sentinel_tokens
+    return int(cfg.model.arch == "bert" and cfg.data.mask_token_id is None and tokenizer_pad_id is None)
 
 
 def check_sentinel_room(cfg: Config) -> None:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from megamu.cli import generate as generate_tool
-from megamu.config import ConfigError, fill_mask_token_id, load_config
+from megamu.config import ConfigError, fill_mask_token_id, fill_vocab_size, load_config
 from megamu.data.masking import IGNORE_INDEX, Masking, word_starts
 from megamu.data.objectives import inputs_and_labels, objective_datasets
+from megamu.data.sources import iter_texts
 from megamu.model import build_model, mup, param_counts
 from test_train_e2e import MAX_STEPS, losses, same_losses, stopped_and_resumed, train_ok, write_config
 
@@ -53,6 +54,25 @@ def test_mask_id_comes_from_the_tokenizers_pad_or_is_asked_for(tiny_tokenizer):
     assert masking.mask_id == 3 and masking.vocab_size == VOCAB
     with pytest.raises(ConfigError, match="needs a mask token: data.mask_token_id is unset"):
         fill_mask_token_id(tiny_cfg("model.arch=bert"))
+
+
+def test_a_tokenizer_without_pad_gets_a_mask_id_appended_above_its_pieces(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    prefix = str(tmp_path / "no_pad")
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(list(iter_texts(["sample:5"]))),
+                                             model_prefix=prefix, vocab_size=600, model_type="bpe", pad_id=-1,
+                                             byte_fallback=True, minloglevel=2)
+    pieces = 600
+    cfg = load_config(None, ["model.arch=bert", f"data.tokenizer_model={prefix}.model"])
+    fill_vocab_size(cfg)
+    fill_mask_token_id(cfg)
+    assert (cfg.model.vocab_size, cfg.data.mask_token_id) == (pieces + 1, pieces)  # an id no text holds
+    decoder = load_config(None, [f"data.tokenizer_model={prefix}.model"])
+    fill_vocab_size(decoder)
+    assert decoder.model.vocab_size == pieces  # only bert appends it
+    with pytest.raises(ConfigError, match=f"model.vocab_size \\({pieces}\\) leaves no id above its pieces"):
+        fill_mask_token_id(load_config(None, ["model.arch=bert", f"data.tokenizer_model={prefix}.model",
+                                              f"model.vocab_size={pieces}"]))
 
 
 # ---- model ----------------------------------------------------------------------------------------
