@@ -37,7 +37,7 @@ from typing import Optional
 from bench_mutransfer import (ARCHS, BASE_WIDTH, FIGURES, LOG2_LRS, PROXY_CONFIG, arch_overrides, bench_data,
                               budget_overrides, lr_values)
 
-from megamu.config import fill_vocab_size, load_config
+from megamu.config import fill_mask_token_id, fill_vocab_size, load_config
 from megamu.errors import FitError
 from megamu.scaling.ladder import TokenBudget, plan_ladder, predict_ladder
 from megamu.scaling.launch import MetricRule, RunSpec, adopt_finished_run, read_status, run_all
@@ -70,6 +70,7 @@ def _resolved(config: str, overrides: list[str]) -> dict:
     """The run's full config, its directory and resume flag left out, the tokenizer named by its content."""
     cfg = load_config(config, overrides)
     fill_vocab_size(cfg)
+    fill_mask_token_id(cfg)  # as the trainer's resolve does for bert, so a saved config compares equal
     cfg = cfg.to_dict()
     cfg["train"].pop("out_dir")
     cfg["train"].pop("resume")
