@@ -162,7 +162,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         sp, _ = run_sweep(sp_plan, rule, args.parallel)
     score = "final validation loss" if rule.metric == "val" else "mean train loss of the last 10 records"
     os.makedirs(args.figures, exist_ok=True)
-    budget = (f"make demo's budget, {args.demo_steps or 200} steps" if args.demo_recipe else
+    budget = (f"demo recipe, {args.demo_steps or 200} steps" if args.demo_recipe else
               f"{args.steps} steps × {args.batch} sequences")
     for name, results in (("mup", mup), ("sp", sp)):
         label = "μP" if name == "mup" else "SP"
