@@ -343,7 +343,12 @@ class Block(nn.Module):
         return _maybe_recompute(self.recompute_block, self._forward, x, position_bias)
 
     def _forward(self, x: torch.Tensor, position_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self._norm(self.attn_norm, x), position_bias))
+        return self._feed_forward(self._self_attend(x, position_bias))
+
+    def _self_attend(self, x: torch.Tensor, position_bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return x + self.dropout(self.attn(self._norm(self.attn_norm, x), position_bias))
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.dropout(self.mlp(self._norm(self.mlp_norm, x)))
 
     def _norm(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -366,9 +371,8 @@ class DecoderBlock(Block):
         return _maybe_recompute(self.recompute_block, self._decode, x, memory, position_bias)
 
     def _decode(self, x: torch.Tensor, memory: torch.Tensor, position_bias: Optional[torch.Tensor]) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self._norm(self.attn_norm, x), position_bias))
-        x = x + self.dropout(self.cross_attn(self._norm(self.cross_norm, x), memory))
-        return x + self.dropout(self.mlp(self._norm(self.mlp_norm, x)))
+        x = self._self_attend(x, position_bias)
+        return self._feed_forward(x + self.dropout(self.cross_attn(self._norm(self.cross_norm, x), memory)))
 
 
 class EmbeddingLayer(nn.Module):
