@@ -2,17 +2,18 @@
 
     python benchmarks/bench_curve.py [--out runs/bench/curve_clean] [--fit-widths 16,32,48] [--target-width 192]
         [--steps 600] [--batch 32] [--eval-every 20] [--spread-seeds 2] [--parallel 1]
-        [--metric train|val] [--smooth 21] [--figures DIR] [--quick]
+        [--metric val|train] [--smooth 21] [--figures DIR] [--quick]
 
 Model and corpus of bench_mutransfer.py (the shipped mup_proxy, 1024-piece tokenizer) at the config's η,
 transferred unchanged under μP, with the run settings of `make demo` (megamu/demo.py's DEMO_OVERRIDES: readout
 initialised normally, MLP 8/3 of every width, 50 warm-up steps, η annealed to 0, every step logged); steps,
 batch and evaluation are this benchmark's. The fitted rungs train with the cosine schedule; the held-out rung
 (≥ 8× the params of the largest fitted one) trains with WSD, a schedule the fit never saw. The curve law
-(megamu/scaling/curve.py) is fitted to the fitted rungs' train-loss curves (every step, a centred mean of
-`--smooth` records; every run of one seed sees the same batches at each step, so the batch noise is shared
-across widths) and scored on the held-out rung's whole curve after warm-up: mean and max relative error.
-`--metric val` uses the eval records instead (8 batches every `--eval-every` steps). The early forecast
+(megamu/scaling/curve.py) is fitted to the fitted rungs' validation curves (8 fixed batches every
+`--eval-every` steps, as `megamu-curve --metric auto` does when every run logged them) and scored on the
+held-out rung's whole curve after warm-up: mean and max relative error. `--metric train` uses the train losses
+instead (every step, a centred mean of `--smooth` records; every run of one seed sees the same batches at each
+step, so the batch noise is shared across widths). The early forecast
 predicts the held-out rung's final loss from its first 20% (`--early-fraction`); `--spread-seeds` trains the
 smallest fitted width again with those seeds, which gives the seed-to-seed spread the forecast's flag is
 measured against. Runs go one at a time (the CPU is shared); finished runs are kept and reused when the
@@ -100,7 +101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch", type=int, default=32, help="global (= micro) batch in sequences of 64 tokens")
     parser.add_argument("--eval-every", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=None, help="train.warmup_steps (default: the demo's)")
-    parser.add_argument("--metric", choices=("train", "val"), default="train", help="the curves fitted and scored")
+    parser.add_argument("--metric", choices=("train", "val"), default="val", help="the curves fitted and scored")
     parser.add_argument("--smooth", type=int, default=21, help="train curves: centred mean of W records")
     parser.add_argument("--spread-seeds", default="2", help="extra train.seed values for the smallest width")
     parser.add_argument("--early-fraction", type=float, default=0.2)

@@ -98,8 +98,9 @@ def test_too_few_sizes_are_refused():
 
 # ---- run directories and the tool -------------------------------------------------------------------------------
 
-def write_run(run_dir, curve: Curve, kind: str, lr_records: bool = True) -> str:
-    """A run directory as megamu's trainer leaves it: config.yaml (the schedule) and metrics.jsonl."""
+def write_run(run_dir, curve: Curve, kind: str, lr_records: bool = True, val: Curve = None) -> str:
+    """A run directory as megamu's trainer leaves it: config.yaml (the schedule) and metrics.jsonl (eval
+    records from `val`'s curve, measured after the update of their step, when given)."""
     os.makedirs(run_dir, exist_ok=True)
     train = {"max_steps": len(curve.lrs), "warmup_steps": WARMUP, "lr": PEAK_LR, "schedule": kind,
              "min_lr_ratio": 0.1, "decay_fraction": 0.2, "seed": curve.seed}
@@ -112,6 +113,8 @@ def write_run(run_dir, curve: Curve, kind: str, lr_records: bool = True) -> str:
             if lr_records:
                 record["lr"] = float(curve.lrs[k])
             handle.write(json.dumps(record) + "\n")
+        for k, loss in zip(val.updates if val else [], val.loss if val else []):
+            handle.write(json.dumps({"kind": "eval", "step": int(k), "val_loss": float(loss)}) + "\n")
     return str(run_dir)
 
 
@@ -153,6 +156,30 @@ def test_tool_fits_holds_out_forecasts_early_and_plots(tmp_path, capsys):
     assert report["target"]["final_loss"] == pytest.approx(truth, rel=1e-3)
     assert png.stat().st_size > 10_000
     assert "big" in capsys.readouterr().out
+
+
+def test_auto_metric_fits_validation_curves_when_every_run_logged_them(tmp_path, capsys):
+    """Validation curves (here the law 5% above the train curves) are fitted when every run has them, and the
+    early run's offset is measured on them; one run without any falls the whole ladder back to train curves."""
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine", noise=0.01, seed=i), "cosine",
+                      val=true_curve(n, "cosine", shift=0.05)) for i, n in enumerate(FIT_SIZES)]
+    early = write_run(tmp_path / "big", true_curve(HELD_OUT, "wsd", noise=0.01), "wsd",
+                      val=true_curve(HELD_OUT, "wsd", shift=0.05))
+    out = tmp_path / "curve.json"
+    assert curve_tool.main([*runs, "--early", early, "--fraction", "0.2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "val" and "curves: val loss (every run logged" in capsys.readouterr().out
+    truth = true_curve(HELD_OUT, "wsd", shift=0.05).loss[-1]
+    assert report["early"]["predicted_final"] == pytest.approx(truth, rel=1e-3)
+    assert report["rms_rel"] < 1e-3  # the noiseless val curves, not the 1%-noisy train losses
+
+    bare = write_run(tmp_path / "bare", true_curve(2e6, "cosine", noise=0.01), "cosine")
+    assert curve_tool.main([*runs, bare, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "train" and "1 of 4 runs logged no validation loss" in report["metric_reason"]
+    assert report["rms_rel"] > 3e-3
+    assert curve_tool.main([*runs, "--metric", "train", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["metric"] == "train"
 
 
 @pytest.mark.parametrize("case, message", [

@@ -1,7 +1,7 @@
 """The whole-curve forecast of `megamu-curve` as one report: fit the ladder's curves, score the held-out sizes'
 whole curves, predict a target config's curve, and forecast a partial run's final loss early.
 
-JSON: {"law", "fit": {E, B, A, C, beta, gamma, alpha, tau, N_ref, seed_offsets, at_bounds}, "rms_rel", "fitted": [{"name", "params"}],
+JSON: {"metric", "metric_reason" (the curves fitted: val or train, and why; added by megamu-curve), "law", "fit": {E, B, A, C, beta, gamma, alpha, tau, N_ref, seed_offsets, at_bounds}, "rms_rel", "fitted": [{"name", "params"}],
 "holdout": [{"name", "params", "size_ratio", "records", "mean_rel_error", "max_rel_error", "final"}],
 "seed_spread": σ or null, "early": {...} or null, "target": {"config", "params", "final_updates", "final_loss"}
 or null}. Errors are relative (predicted/actual − 1) over the records after warm-up.
@@ -80,7 +80,8 @@ def format_curve_report(report: dict) -> str:
     fit = dict(report["fit"])
     offsets = fit.pop("seed_offsets")
     bounded = fit.pop("at_bounds")
-    lines = [f"law: {report['law']}",
+    lines = [*([f"curves: {report['metric']} loss ({report['metric_reason']})"] if "metric" in report else []),
+             f"law: {report['law']}",
              "fit: " + ", ".join(f"{k} {v:.4g}" for k, v in fit.items())
              + "".join(f"; seed {s} {d * 100:+.2f}%" for s, d in offsets.items()),
              *([f"not pinned by these runs (ended on a bound of its range, so extrapolations rest on the bound): "
