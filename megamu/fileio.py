@@ -19,7 +19,17 @@ import tempfile
 import warnings
 from typing import IO, Iterator
 
-from megamu.errors import MegamuWarning
+from megamu.errors import MegamuError, MegamuWarning
+
+
+def check_output_directory(path: str, option: str) -> None:
+    """Refuse, before any work, an output whose directory is missing or not writable (`option` names the flag)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"output directory {directory} does not exist ({option} {path}); create it first")
+    if not os.access(directory, os.W_OK):
+        raise MegamuError(f"output directory {directory} is not writable ({option} {path}); choose another path "
+                          f"or fix its permissions")
 
 
 def _umask() -> int:

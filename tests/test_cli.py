@@ -114,6 +114,26 @@ def test_train_reports_a_data_problem_as_one_error_line(problem, tmp_path, tiny_
         assert "megamu-preprocess" in line  # the fix
 
 
+def test_a_reader_that_stops_early_ends_the_tool_quietly(tmp_path):
+    """`megamu-... | head -1`: a console script whose reader closed the pipe stops without a traceback."""
+    program = ("import sys\nfrom megamu.cli import console_script\n"
+               "@console_script\ndef main(argv=None):\n    for _ in range(100_000):\n        print('x' * 100)\n"
+               "    return 0\nsys.exit(main())\n")
+    proc = subprocess.Popen([sys.executable, "-c", program], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"x" * 100 + b"\n"
+    proc.stdout.close()  # 10 MB more to write: far beyond any pipe buffer
+    assert proc.stderr.read() == b"" and proc.wait(timeout=60) == 1
+
+
+def test_an_output_in_a_missing_directory_is_refused_before_any_work(tmp_path, capsys):
+    from megamu.cli import plan as plan_tool
+    out = tmp_path / "missing" / "plan.json"
+    assert plan_tool.main(["--flops", "1e21", "--json", str(out), "--", "model.vocab_size=32000"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: output directory {out.parent} does not exist (--json {out}); create it first\n"
+
+
 @pytest.mark.parametrize("tool", sorted(glob.glob(os.path.join(REPO, "tools", "*.py"))))
 def test_checkout_tools_run_the_console_scripts(tool, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [tool, "--help"])

@@ -142,7 +142,8 @@ def test_tool_fits_holds_out_forecasts_early_and_plots(tmp_path, capsys):
     runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
     target = write_run(tmp_path / "big", true_curve(HELD_OUT, "wsd"), "wsd")
     out, png, config = tmp_path / "curve.json", tmp_path / "curve.png", tmp_path / "target.yaml"
-    config.write_text(yaml.safe_dump({"train": {"max_steps": 2 * STEPS, "warmup_steps": WARMUP, "lr": PEAK_LR,
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 1024},
+                                      "train": {"max_steps": 2 * STEPS, "warmup_steps": WARMUP, "lr": PEAK_LR,
                                                 "schedule": "wsd", "decay_fraction": 0.2}}))
     code = curve_tool.main([*runs, target, "--holdout", "1", "--early", target, "--fraction", "0.2",
                             "--target", str(config), "--target-params", "3e6", "--json", str(out), "--plot", str(png)])
@@ -180,6 +181,53 @@ def test_auto_metric_fits_validation_curves_when_every_run_logged_them(tmp_path,
     assert report["rms_rel"] > 3e-3
     assert curve_tool.main([*runs, "--metric", "train", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["metric"] == "train"
+
+
+def test_tool_refuses_a_run_given_twice(tmp_path, capsys):
+    """A repeated directory would be a second run of the same seed: a spread of zero that flags everything."""
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
+    assert curve_tool.main([*runs, str(tmp_path / "n0" / ".")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run ") and "is given twice" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"max_steps": 0}, "train.max_steps must be positive"),
+    ({"lr": -1.0}, "train.lr must be positive"),
+    ({"global_batch_size": 64, "micro_batch_size": 64}, "the curve law counts updates"),
+])
+def test_the_target_config_is_checked_as_megamu_train_would(tmp_path, capsys, train, message):
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
+    config = tmp_path / "target.yaml"
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 1024},
+                                      "train": {"max_steps": STEPS, "warmup_steps": WARMUP, "lr": PEAK_LR,
+                                                "schedule": "wsd", **train}}))
+    assert curve_tool.main([*runs, "--target", str(config), "--target-params", "3e6"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_warm_up_longer_than_the_target_run_is_shortened_and_said(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
+    config = tmp_path / "target.yaml"
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 1024},
+                                      "train": {"max_steps": 50, "warmup_steps": 80, "lr": PEAK_LR}}))
+    out_json = tmp_path / "curve.json"
+    assert curve_tool.main([*runs, "--target", str(config), "--target-params", "3e6", "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {config}: train.warmup_steps=80 is longer than train.max_steps=50" in out
+    assert json.loads(out_json.read_text())["target"]["final_updates"] == 50
+
+
+def test_an_early_forecast_of_a_finished_run_shows_its_actual_end(tmp_path, capsys):
+    runs = [write_run(tmp_path / f"n{i}", true_curve(n, "cosine"), "cosine") for i, n in enumerate(FIT_SIZES)]
+    done = write_run(tmp_path / "big", true_curve(HELD_OUT, "wsd", shift=0.01), "wsd")
+    assert curve_tool.main([*runs, "--early", done]) == 0
+    out = capsys.readouterr().out
+    actual = true_curve(HELD_OUT, "wsd", shift=0.01).loss[-1]
+    assert f"the run has finished: actual {actual:.4f}" in out
+    assert curve_tool.main([*runs, "--early", done, "--fraction", "0.2"]) == 0
+    assert "the run has finished" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case, message", [

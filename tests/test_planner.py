@@ -164,6 +164,8 @@ def test_tool_plans_a_fitted_law_and_writes_a_config_that_resolves(tmp_path, cap
     (["--flops", "1e20", "--config", "llama_proxy", "data.tokenizer_model=/nonexistent"],
      "add model.vocab_size=V"),
     (["--flops", "1e20", "--huber", "1e-3"], "--huber applies to a fit"),
+    (["--flops", "1e10"], "the smallest model of this proxy's shape has"),
+    (["--flops", "1e21", "--params", "1e15"], "one step of"),
 ])
 def test_tool_user_errors_are_one_line_and_exit_2(argv, message, capsys):
     assert plan_tool.main([*argv, *([] if "vocab" in message else VOCAB)]) == 2

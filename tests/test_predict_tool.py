@@ -179,6 +179,43 @@ def test_tool_reports_bad_input_with_exit_code_2(tmp_path, capsys):
     assert "2 point(s) to fit but the form has 3 parameters" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--metric", "val"], "--metric read run directories; with --points the CSV's loss is used as it is"),
+    (["--at-step", "100"], "drop --at-step"),
+    (["--bootstrap", "-3"], "--bootstrap N must be 0 (the delta method) or a number of resamples"),
+    (["--target-tokens", "1e10"], "--target-tokens is the token count for --two-var's L(N, D)"),
+])
+def test_tool_refuses_options_that_would_be_ignored(tmp_path, capsys, extra, message):
+    csv = write_csv(tmp_path / "p.csv", "params,loss\n1e6,3.0\n2e6,2.9\n4e6,2.85\n8e6,2.82\n")
+    assert predict_tool.main(["--points", csv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_tool_refuses_a_run_given_twice(tmp_path, capsys):
+    """A repeated directory would count as a second run: a fake seed and a narrower interval."""
+    runs = [str(tmp_path / f"w{i}") for i in range(3)]
+    for run, params in zip(runs, (1e6, 2e6, 4e6)):
+        write_run(run, params)
+    assert predict_tool.main([*runs, str(tmp_path / "w0" / ".")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run ") and "is given twice" in err and err.count("\n") == 1
+
+
+def test_two_var_names_the_x_when_the_one_variable_fit_fails(tmp_path, capsys):
+    """Runs past the compute-optimal size at each budget: their loss rises with params, so a·x^b + c along
+    params cannot be fitted; the refusal says which --x to pass, and along tokens both fits run."""
+    n = np.array([2e6, 4e6, 8e6, 1.6e7, 3.2e7, 6.4e7])
+    d = np.array([8e8, 2e8, 5e7, 1.2e7, 3e6, 8e5])
+    loss = 1.7 + 400 / n**0.34 + 410 / d**0.28
+    assert np.all(np.diff(loss) > 0)
+    rows = "".join(f"{ni},{di},{li}\n" for ni, di, li in zip(n, d, loss))
+    csv = write_csv(tmp_path / "over.csv", "params,tokens,loss\n" + rows)
+    assert predict_tool.main(["--points", csv, "--two-var", "--target", "1e8", "--target-tokens", "2e9"]) == 2
+    err = capsys.readouterr().err
+    assert "pass the --x they fall along (flops or tokens)" in err and err.count("\n") == 1
+
+
 def test_tool_two_variable_fit_from_csv(tmp_path, capsys):
     n = np.repeat(np.geomspace(1e6, 1e8, 4), 3)
     d = np.tile(np.geomspace(1e8, 1e10, 3), 4)

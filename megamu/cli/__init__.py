@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 import warnings
 from typing import Callable, NoReturn, Optional, Sequence
 
 from megamu.errors import EXIT_USER_ERROR, MegamuError, MegamuWarning
+from megamu.fileio import check_output_directory
 
 Main = Callable[[Optional[Sequence[str]]], int]
 
@@ -39,7 +41,19 @@ def console_script(main: Main) -> Main:
         except (MegamuError, FileNotFoundError) as exc:
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return EXIT_USER_ERROR
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, and keep Python's flush at exit from failing again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     return run
+
+
+def check_outputs(args: argparse.Namespace, *options: str) -> None:
+    """Refuse missing or unwritable output directories of these options (attribute names) before any work."""
+    for option in options:
+        path = getattr(args, option)
+        if path:
+            check_output_directory(path, "--" + option.replace("_", "-"))
 
 
 def show_megamu_warnings() -> None:

@@ -14,10 +14,11 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, check_outputs, console_script
 from megamu.scaling.curve import choose_metric, read_curve
 from megamu.scaling.curve_plot import plot_curves
 from megamu.scaling.curve_report import curve_report, format_curve_report, read_target
+from megamu.scaling.runs import distinct_runs
 
 
 def build_parser() -> ArgumentParser:
@@ -40,10 +41,12 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(args, "json", "plot")
     if args.fraction is not None and not (args.early and 0 < args.fraction <= 1):
         parser.error("--fraction F needs --early RUN_DIR and 0 < F <= 1")
     if args.target_params is not None and not args.target:
         parser.error("--target-params needs --target CONFIG.yaml")
+    distinct_runs(args.run_dirs)
     metric, why = (args.metric, "as asked") if args.metric != "auto" else \
         choose_metric([*args.run_dirs, *([args.early] if args.early else [])])
     curves = [read_curve(d, metric, args.smooth) for d in args.run_dirs]
@@ -51,7 +54,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.early:
         early = read_curve(args.early, metric, args.smooth)
         early = early.prefix(args.fraction) if args.fraction else early
-    target = read_target(args.target, args.target_params) if args.target else None
+    target = read_target(args.target, args.target_params, args.run_dirs) if args.target else None
+    for note in target.notes if target else ():
+        print(f"note: {args.target}: {note}")
     report, fit, held = curve_report(curves, args.holdout, early, target)
     report = {"metric": metric, "metric_reason": why, **report}
     print(format_curve_report(report))
@@ -60,5 +65,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             json.dump(report, handle, indent=2)
     if args.plot:
         fitted = [c for c in curves if c not in held]
-        plot_curves(fit, fitted, held, args.plot, target, report["early"])
+        plot_curves(fit, fitted, held, args.plot, target, report["early"], early)
     return 0

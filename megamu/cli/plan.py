@@ -20,7 +20,7 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, check_outputs, console_script
 from megamu.scaling.hp_rules import RULES
 from megamu.scaling.nd_law import PUBLISHED, fit_law, load_law_file, published_law
 from megamu.scaling.plan_plot import plot_plan
@@ -60,6 +60,7 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(args, "json", "plot", "config_out")
     if args.flops is None:
         parser.error("give the compute budget: --flops C (e.g. --flops 1e21)")
     if args.huber is not None and not args.points:

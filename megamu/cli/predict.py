@@ -11,11 +11,11 @@ import argparse
 import json
 from typing import Optional, Sequence
 
-from megamu.cli import ArgumentParser, console_script
+from megamu.cli import ArgumentParser, check_outputs, console_script
 from megamu.scaling.plot import plot_prediction
 from megamu.scaling.points import X_KINDS, read_points_csv
 from megamu.scaling.predict import format_report, predict
-from megamu.scaling.runs import read_run_point
+from megamu.scaling.runs import distinct_runs, read_run_point
 
 
 def build_parser() -> ArgumentParser:
@@ -50,11 +50,23 @@ def build_parser() -> ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_outputs(args, "json", "plot")
     if bool(args.run_dirs) == bool(args.points):
         parser.error("give run directories or --points FILE.csv (exactly one of them)")
+    ignored = _run_dir_options(parser, args) if args.points else []
+    if ignored:
+        parser.error(f"{', '.join(ignored)} read run directories; with --points the CSV's loss is used as it is: "
+                     f"drop {' and '.join(ignored)}")
+    if args.bootstrap < 0:
+        parser.error(f"--bootstrap N must be 0 (the delta method) or a number of resamples, got {args.bootstrap}")
+    if args.min_step is not None and args.min_step < 0:
+        parser.error(f"--min-step must not be negative, got {args.min_step}")
+    if args.target_tokens is not None and not args.two_var:
+        parser.error("--target-tokens is the token count for --two-var's L(N, D): add --two-var or drop it")
     if args.points:
         points = read_points_csv(args.points, args.x)
     else:
+        distinct_runs(args.run_dirs)
         points = [read_run_point(d, args.metric, args.at_step, args.at_tokens, args.smooth, args.min_step)
                   for d in args.run_dirs]
     report, fit = predict(points, args.x, args.holdout, args.target, args.level, args.bootstrap,
@@ -66,3 +78,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         plot_prediction(report, fit, args.plot)
     return 0
+
+
+def _run_dir_options(parser: ArgumentParser, args: argparse.Namespace) -> list:
+    """The options given that only reading run directories uses."""
+    keys = ("metric", "at_step", "at_tokens", "min_step", "smooth")
+    return ["--" + k.replace("_", "-") for k in keys if getattr(args, k) != parser.get_default(k)]

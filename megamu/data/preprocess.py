@@ -24,7 +24,7 @@ from megamu.data.indexed import IndexedDatasetWriter, best_dtype, merge_datasets
 from megamu.data.sources import Document, ReadReport, Source, iter_documents, resolve_inputs
 from megamu.data.tokenizer import Tokenizer
 from megamu.errors import ConfigError, DataError
-from megamu.fileio import atomic_write, file_sha256, remove_stale_temporaries
+from megamu.fileio import atomic_write, check_output_directory, file_sha256, remove_stale_temporaries
 
 CHUNK_DOCUMENTS = 256
 CHUNK_BYTES = 256 << 10  # small enough to balance the workers to the end of the input
@@ -76,13 +76,7 @@ def stats_path(data_prefix: str) -> str:
 
 
 def check_output_prefix(output_prefix: str) -> None:
-    directory = os.path.dirname(os.path.abspath(output_prefix))
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"output directory {directory} does not exist (--output-prefix {output_prefix}); "
-                                f"create it first")
-    if not os.access(directory, os.W_OK):
-        raise DataError(f"output directory {directory} is not writable (--output-prefix {output_prefix}); "
-                        f"choose another prefix or fix its permissions")
+    check_output_directory(output_prefix, "--output-prefix")
 
 
 # ---- encoding (runs in worker processes, or in-process with one worker) -------------------------

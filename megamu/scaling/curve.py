@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -177,7 +178,8 @@ def fit_curves(curves: Sequence[Curve]) -> CurveFit:
     for c in curves:
         if c.after_warmup().sum() < 2:
             raise FitError(f"run {c.name} has fewer than 2 records after its {c.warmup_steps} warm-up steps: "
-                           "log more often (log.interval) or drop the run")
+                           "log more often (log.interval for train losses, train.eval_interval for validation losses) "
+                           "or drop the run")
         if not (np.all(np.isfinite(c.loss)) and np.all(c.loss > 0)):
             raise FitError(f"run {c.name} has a non-finite or non-positive loss (diverged?): drop the run")
     design = _Design(curves, float(np.exp(np.mean(np.log(sizes)))))
@@ -254,7 +256,9 @@ def choose_metric(run_dirs: Sequence[str]) -> tuple:
     carry how hard that seed's batches were (on benchmarks/bench_curve.py's CPU ladder the seeds' train
     offsets spread ±2.3% against ±0.15% on val, and the held-out curve was 6.0% off on train curves against
     2.2% on val)."""
-    without = [d for d in run_dirs if not any(r.get("val_loss") is not None for r in read_metrics(d)[2])]
+    with warnings.catch_warnings():  # a torn last record is reported once, when the curve itself is read
+        warnings.simplefilter("ignore")
+        without = [d for d in run_dirs if not any(r.get("val_loss") is not None for r in read_metrics(d)[2])]
     if not without:
         return "val", "every run logged validation losses"
     return "train", (f"{len(without)} of {len(run_dirs)} runs logged no validation loss (e.g. {without[0]}; set "

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from megamu.config import ConfigError, fill_vocab_size, load_config
+from megamu.config import ConfigError, load_config, resolve
 from megamu.errors import FitError
 from megamu.model import param_counts
 from megamu.scaling.curve import LAW, Curve, CurveFit, curve_errors, fit_curves, schedule_lrs
@@ -23,25 +23,41 @@ from megamu.scaling.early import EarlyForecast, early_forecast, seed_spread
 
 @dataclass(frozen=True)
 class Target:
-    """A run not trained yet: its size and schedule, from its config."""
+    """A run not trained yet: its size and schedule, from its config resolved as megamu-train would."""
 
     config: str
     params: float
     lrs: np.ndarray
+    notes: tuple = ()  # what resolving the config changed (e.g. a warm-up longer than the run)
 
 
-def read_target(config: str, params: Optional[float] = None) -> Target:
-    """The target's schedule from its config, and its parameter count (counted from the config unless given)."""
+def tokens_per_update(config: str) -> int:
+    """Tokens one optimizer update trains on: train.global_batch_size sequences of model.seq_len tokens."""
     cfg = load_config(config)
+    return cfg.train.global_batch_size * cfg.model.seq_len
+
+
+def read_target(config: str, params: Optional[float] = None, ladder: Sequence[str] = ()) -> Target:
+    """The target's schedule from its config, resolved and checked as megamu-train does, and its parameter count
+    (counted from the config unless given). `ladder`: the fitted runs' directories; the law is per update, so
+    a target whose updates carry another number of tokens than theirs is refused."""
+    cfg = load_config(config)
+    try:
+        notes = resolve(cfg, check_files=False)
+    except ConfigError as exc:
+        raise ConfigError(f"{config}: {exc}") from None
     if params is None:
-        try:
-            fill_vocab_size(cfg)
-        except ConfigError as exc:
-            raise ConfigError(f"{config}: cannot count the target's parameters ({exc}); or give --target-params") from None
         params = param_counts(cfg)["total"]
     if not params > 0:
         raise FitError(f"--target-params must be positive, got {params}")
-    return Target(config, float(params), schedule_lrs(cfg.train))
+    target_tokens = cfg.train.global_batch_size * cfg.model.seq_len
+    for run_dir in ladder:
+        run_tokens = tokens_per_update(os.path.join(run_dir, "config.yaml"))
+        if run_tokens != target_tokens:
+            raise FitError(f"{config}: an update trains on {target_tokens} tokens (train.global_batch_size x "
+                           f"model.seq_len) but run {run_dir} trained on {run_tokens}; the curve law counts updates, "
+                           f"so give the target the ladder's batch and sequence length")
+    return Target(config, float(params), schedule_lrs(cfg.train), tuple(notes))
 
 
 def split_holdout(curves: Sequence[Curve], holdout: int) -> tuple:
@@ -99,8 +115,12 @@ def format_curve_report(report: dict) -> str:
     early = report["early"]
     if early:
         lines.append(f"early forecast for {early['name']} from updates ≤ {early['seen_updates']}: final loss "
-                     f"{early['predicted_final']:.4f} at update {early['final_updates']} (trend {early['trend_final']:.4f}); "
-                     f"{early['verdict']}")
+                     f"{early['predicted_final']:.4f} at update {early['final_updates']} "
+                     f"(trend {early['trend_final']:.4f}"
+                     + ("" if early["actual_final"] is None else
+                        f"; the run has finished: actual {early['actual_final']:.4f}, forecast "
+                        f"{(early['predicted_final'] / early['actual_final'] - 1) * 100:+.2f}% off")
+                     + f"); {early['verdict']}")
     target = report["target"]
     if target:
         lines.append(f"target {os.path.basename(target['config'])} ({target['params']:.4g} params): final loss "

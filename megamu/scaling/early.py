@@ -28,7 +28,8 @@ def log_offset(fit: CurveFit, curve: Curve) -> float:
     mask = curve.after_warmup()
     if mask.sum() < 2:
         raise FitError(f"run {curve.name} has fewer than 2 records past its {curve.warmup_steps} warm-up steps "
-                       "so far: wait for more of the run, or log more often (log.interval)")
+                       "so far: wait for more of the run, or log more often (log.interval for train losses, "
+                       "train.eval_interval for validation losses)")
     late = np.flatnonzero(mask)[mask.sum() // 2:]
     return float(np.mean(np.log(curve.loss[late] / fit.predict_curve(curve)[late])))
 
@@ -58,6 +59,7 @@ class EarlyForecast:
     offset: float  # log(actual / trend) of the run so far
     spread: Optional[float]  # seed-to-seed standard deviation of that offset; None: unknown
     flagged: Optional[bool]  # |offset| > FLAG_SIGMAS · spread; None when the spread is unknown
+    actual_final: Optional[float] = None  # the run's own last loss when it has already finished
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -76,5 +78,6 @@ def early_forecast(fit: CurveFit, curve: Curve, spread: Optional[float]) -> Earl
     offset = log_offset(fit, curve)
     trend = float(fit.predict(curve.params, curve.lrs, np.array([curve.final_updates]), curve.seed)[0])
     flagged = None if spread is None else bool(abs(offset) > FLAG_SIGMAS * spread)
+    finished = float(curve.loss[-1]) if curve.updates[-1] >= curve.final_updates else None
     return EarlyForecast(curve.name, int(curve.updates[-1]), curve.final_updates, trend,
-                         trend * float(np.exp(offset)), offset, spread, flagged)
+                         trend * float(np.exp(offset)), offset, spread, flagged, finished)

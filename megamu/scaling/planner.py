@@ -42,6 +42,7 @@ from megamu.shipped import resolve_config
 FLOPS_RULE = "C = 6·N·D (N: total parameters, embeddings included; D: training tokens)"
 # Kaplan et al. 2020 (fig. 5): at a fixed N the loss changes by only a few percent over this range of width/depth.
 ASPECT_RANGE = (20.0, 200.0)
+OVER_BUDGET = 1.25  # a config whose run would spend more than this times the budget is refused
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def plan(law: NDLaw, flops: float, config: str = "llama_proxy", overrides: Seque
 
     counts = param_counts(cfg)
     tokens = cfg.train.max_steps * batch * seq
+    _check_budget(flops, counts["total"], tokens, planned, cfg)
     n_closed = closed_form_params(law, flops)
     trained = at(law, counts["total"], tokens, level)
     report = {
@@ -272,6 +274,24 @@ def _constraint(tokens_per_param: Optional[float], params: Optional[float]) -> s
     if params is not None:
         return f"parameters fixed at {params:.4g}"
     return "compute-optimal"
+
+
+def _check_budget(flops: float, params: int, tokens: int, planned: Allocation, cfg: Config) -> None:
+    """Refuse a config whose run would spend more than OVER_BUDGET× the budget (by the plan's 6ND rule): the
+    budget is too small for the smallest model or the single step this proxy and batch allow."""
+    spent = 6.0 * params * tokens
+    if spent <= OVER_BUDGET * flops:
+        return
+    if params > OVER_BUDGET * planned.params:
+        why = (f"the smallest model of this proxy's shape has {params:,} params against the planned "
+               f"{planned.params:,.0f} (its embeddings alone: {cfg.padded_vocab_size():,} x {cfg.model.hidden_size}); "
+               f"raise --flops or plan from a smaller proxy (vocabulary, width)")
+    else:
+        why = (f"one step of {cfg.train.global_batch_size} x {cfg.model.seq_len} tokens already exceeds the "
+               f"{planned.tokens:,.0f} tokens the budget leaves at {planned.params:.3g} params; raise --flops, or "
+               f"lower train.global_batch_size or --params")
+    raise ConfigError(f"the planned run would spend {spent:.3g} FLOPs, {spent / flops:.1f}x the budget of {flops:.3g}: "
+                      f"{why}")
 
 
 def _notes(law: NDLaw, cfg: Config, swept: list) -> list:

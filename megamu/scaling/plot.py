@@ -39,8 +39,8 @@ def plot_prediction(report: dict, fit: PowerLawFit, path: str) -> None:
         pred = report["prediction"]
         _error_bar(ax, pred["x"], pred["loss"], pred["interval"], "tab:green",
                    f"prediction at {pred['x']:.3g}: {pred['loss']:.4f}")
-    _finish(fig, ax, report["x"], f"L = a·x^b + c  ({report['level'] * 100:g}% intervals, {report['interval_method']})",
-            path)
+    source = report.get("interval_source") or "none"  # where the intervals drawn came from (the selection's, ...)
+    _finish(fig, ax, report["x"], f"L = a·x^b + c  ({report['level'] * 100:g}% intervals: {source})", path)
 
 
 def _finish(fig, ax, xlabel: str, title: str, path: str, title_size: object = "large") -> None:

@@ -70,7 +70,14 @@ def predict(
         if unknown:
             raise FitError(f"held-out runs of seed(s) {unknown} have no fitted runs to estimate their offset from")
         offset = np.array([offsets[s] for s in seeds])
-    fit = fit_power_law(x[used], (loss - offset)[used], absorbed_dof=max(len(offsets) - 1, 0))
+    try:
+        fit = fit_power_law(x[used], (loss - offset)[used], absorbed_dof=max(len(offsets) - 1, 0))
+    except FitError as exc:
+        if not two_var:
+            raise
+        raise FitError(f"{exc}; with --two-var the report still starts with a·x^b + c along --x {x_kind}, which "
+                       f"the points of an N×D grid need not follow: pass the --x they fall along "
+                       f"(flops or tokens)") from None
     # One interval computation for held-out points and target: a bootstrap is then run once.
     eval_x = np.append(x[~used], [] if target is None else [target])
     intervals = prediction_interval(fit, eval_x, level, bootstrap, seed) if len(eval_x) else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import yaml
 
@@ -34,6 +34,17 @@ def read_metrics(run_dir: str) -> tuple:
         return read_run_metrics(run_dir)
     except (OSError, ValueError) as exc:
         raise FitError(str(exc)) from None
+
+
+def distinct_runs(run_dirs: Sequence[str]) -> None:
+    """Refuse a run given twice: it would count as a second run (a fake seed, a narrower interval)."""
+    seen: dict = {}
+    for run_dir in run_dirs:
+        real = os.path.realpath(run_dir)
+        if real in seen:
+            raise FitError(f"run {run_dir} is given twice (also as {seen[real]}): each run counts once; "
+                           "drop the repeat")
+        seen[real] = run_dir
 
 
 def default_min_step(last_step: int) -> int:
