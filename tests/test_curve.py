@@ -181,6 +181,9 @@ def test_auto_metric_fits_validation_curves_when_every_run_logged_them(tmp_path,
     assert report["rms_rel"] > 3e-3
     assert curve_tool.main([*runs, "--metric", "train", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["metric"] == "train"
+    assert curve_tool.main([*runs, bare, "--metric", "val"]) == 2
+    assert "has no val records with a loss: give the run train.eval_interval, or use --metric train" \
+        in capsys.readouterr().err
 
 
 def test_tool_refuses_a_run_given_twice(tmp_path, capsys):

@@ -104,6 +104,8 @@ def test_run_directory_without_metrics_is_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FitError, match=f"{tmp_path / 'empty'} has no metrics.jsonl"):
         read_run_point(str(tmp_path / "empty"))
+    with pytest.raises(FitError, match=f"run directory {tmp_path / 'typo'} does not exist: check the path"):
+        read_run_point(str(tmp_path / "typo"))
 
 
 def write_csv(path, text):

@@ -69,10 +69,13 @@ def test_a_cut_short_last_record_is_skipped_with_a_warning(tmp_path, capsys):
     with pytest.warns(MegamuWarning, match=r"metrics.jsonl:6: skipped the last line, a record cut short"):
         point = read_run_point(str(run))
     assert (point.step, point.loss) == (4, pytest.approx(3.6))
-    # The tool says it as one `warning:` line, then fits.
-    assert predict_tool.main([str(run), str(run), str(run), "--x", "tokens"]) in (0, 2)
+    # The tool says it as one `warning:` line per torn file, then fits.
+    runs = [str(tmp_path / f"run{i}") for i in range(3)]
+    for run_dir in runs:
+        _metrics(run_dir, '{"kind": "train", "step": 5, "tok')
+    assert predict_tool.main([*runs, "--x", "tokens"]) in (0, 2)
     warnings_said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
-    assert warnings_said and all("metrics.jsonl:6: skipped the last line" in w for w in warnings_said)
+    assert len(warnings_said) == 3 and all("metrics.jsonl:6: skipped the last line" in w for w in warnings_said)
 
 
 def test_a_malformed_line_inside_the_file_is_still_an_error(tmp_path):

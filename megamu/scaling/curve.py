@@ -291,7 +291,8 @@ def read_curve(run_dir: str, metric: str = "train", smooth: int = 1) -> Curve:
     key = "loss" if metric == "train" else "val_loss"
     records = [r for r in records if r.get(key) is not None]
     if not records:
-        raise FitError(f"{metrics_path} has no {metric} records with a loss")
+        raise FitError(f"{metrics_path} has no {metric} records with a loss"
+                       + (": give the run train.eval_interval, or use --metric train" if metric == "val" else ""))
     loss = np.array([float(r[key]) for r in records])
     if metric == "train" and smooth > 1:
         loss = np.convolve(loss, np.ones(smooth), "same") / np.convolve(np.ones_like(loss), np.ones(smooth), "same")

@@ -161,6 +161,8 @@ def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
     FileNotFoundError for a missing file and ValueError naming file and line for a malformed one.
     """
     path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.isdir(run_dir):
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: check the path")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run directory {run_dir} has no {METRICS_FILE}: is it a megamu run directory?")
     meta = None
@@ -176,7 +178,8 @@ def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
                     warnings.warn(f"{path}:{line_no}: skipped the last line, a record cut short (what a "
                                   f"trainer killed while writing leaves)", MegamuWarning)
                     continue
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg})") from None
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({exc.msg}); a metrics file is written by "
+                                 f"megamu-train, one JSON record per line: fix or remove that line") from None
             kind = record.get("kind")
             if kind == "meta" and meta is None:
                 meta = record
