@@ -183,7 +183,7 @@ def test_unknown_key_and_bad_value_are_named(base_config):
 def test_missing_run_is_failed_not_crashed(tmp_path):
     spec = RunSpec("r", str(tmp_path / "never"), None, [], max_steps=5, labels={})
     result = classify(spec, 1, MetricRule())
-    assert result.status == "failed" and "no metrics.jsonl" in result.reason
+    assert result.status == "failed" and "does not exist: check the path (or the run never started)" in result.reason
 
 
 def test_tool_prints_table_and_rejects_bad_input(base_config, tmp_path, calls, capsys):

@@ -162,7 +162,7 @@ def read_metrics(run_dir: str) -> tuple[dict, list[dict], list[dict]]:
     """
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isdir(run_dir):
-        raise FileNotFoundError(f"run directory {run_dir} does not exist: check the path")
+        raise FileNotFoundError(f"run directory {run_dir} does not exist: check the path (or the run never started)")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"run directory {run_dir} has no {METRICS_FILE}: is it a megamu run directory?")
     meta = None
