@@ -175,6 +175,11 @@ class Config:
         return m.ffn_multiple_of * ((raw + m.ffn_multiple_of - 1) // m.ffn_multiple_of)
 
     @property
+    def tokens_per_step(self) -> int:
+        """Tokens one optimizer step trains on: train.global_batch_size sequences of model.seq_len tokens."""
+        return self.train.global_batch_size * self.model.seq_len
+
+    @property
     def rotary(self) -> bool:
         """Whether attention rotates q and k (RoPE) rather than the embedding adding learned positions."""
         return self.model.arch == "llama" or self.model.positions == "rotary"

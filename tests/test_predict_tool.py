@@ -92,6 +92,7 @@ def test_resumed_run_uses_the_later_record_of_a_repeated_step(tmp_path):
         ([], {"at_step": 500}, "stopped at step 200, before --at-step 500"),
         ([], {"at_tokens": 1e12}, "before --at-tokens"),
         ([], {"smooth": 0}, "--smooth must be at least 1"),
+        ([], {"min_step": -5}, "--min-step must not be negative, got -5"),
     ],
 )
 def test_bad_run_directories_raise_clear_errors(tmp_path, extra, kwargs, message):

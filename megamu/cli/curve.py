@@ -54,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.early:
         early = read_curve(args.early, metric, args.smooth)
         early = early.prefix(args.fraction) if args.fraction else early
-    target = read_target(args.target, args.target_params, args.run_dirs) if args.target else None
+    target = read_target(args.target, args.target_params, curves) if args.target else None
     for note in target.notes if target else ():
         print(f"note: {args.target}: {note}")
     report, fit, held = curve_report(curves, args.holdout, early, target)

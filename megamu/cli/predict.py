@@ -57,10 +57,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if ignored:
         parser.error(f"{', '.join(ignored)} read run directories; with --points the CSV's loss is used as it is: "
                      f"drop {' and '.join(ignored)}")
-    if args.bootstrap < 0:
-        parser.error(f"--bootstrap N must be 0 (the delta method) or a number of resamples, got {args.bootstrap}")
-    if args.min_step is not None and args.min_step < 0:
-        parser.error(f"--min-step must not be negative, got {args.min_step}")
     if args.target_tokens is not None and not args.two_var:
         parser.error("--target-tokens is the token count for --two-var's L(N, D): add --two-var or drop it")
     if args.points:

@@ -75,10 +75,6 @@ def stats_path(data_prefix: str) -> str:
     return f"{data_prefix}.stats.json"
 
 
-def check_output_prefix(output_prefix: str) -> None:
-    check_output_directory(output_prefix, "--output-prefix")
-
-
 # ---- encoding (runs in worker processes, or in-process with one worker) -------------------------
 _worker_tokenizer: Optional[Tokenizer] = None
 
@@ -154,7 +150,7 @@ def preprocess(inputs: Sequence[str], output_prefix: str, tokenizer_model: str,
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     if not json_keys:
         raise ValueError("json_keys is empty; pass at least one key, e.g. text")
-    check_output_prefix(output_prefix)
+    check_output_directory(output_prefix, "--output-prefix")
     tokenizer = Tokenizer(tokenizer_model)
     eod_id = tokenizer.eod_id if append_eod else None
     sources = resolve_inputs(inputs)
@@ -238,7 +234,7 @@ def read_stats(data_prefix: str) -> Optional[dict]:
 def merge(prefixes: Sequence[str], output_prefix: str) -> Optional[dict]:
     """Concatenate data prefixes into OUTPUT_PREFIX.{bin,idx}; returns the merged statistics, or None
     (and writes no sidecar) when an input has none or the inputs used different tokenizers."""
-    check_output_prefix(output_prefix)
+    check_output_directory(output_prefix, "--output-prefix")
     merge_datasets(prefixes, output_prefix)
     parts = [read_stats(p) for p in prefixes]
     if any(p is None for p in parts) or len({(p["tokenizer"], p["vocab_size"]) for p in parts}) != 1:

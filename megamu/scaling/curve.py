@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -67,6 +67,7 @@ class Curve:
     warmup_steps: int
     final_updates: int  # k of the run's last record (train: max_steps − 1, val: max_steps)
     seed: Optional[int] = None
+    tokens_per_step: Optional[int] = None  # tokens per update (its config's Config.tokens_per_step)
 
     def after_warmup(self) -> np.ndarray:
         """Mask of the records past the warm-up (the ones fitted and scored)."""
@@ -75,8 +76,7 @@ class Curve:
     def prefix(self, fraction: float) -> "Curve":
         """The records of the first `fraction` of the run's schedule (what an early forecast sees)."""
         keep = self.updates <= fraction * len(self.lrs)
-        return Curve(self.name, self.params, self.updates[keep], self.loss[keep], self.lrs, self.warmup_steps,
-                     self.final_updates, self.seed)
+        return replace(self, updates=self.updates[keep], loss=self.loss[keep])
 
 
 def schedule_lrs(train: TrainConfig) -> np.ndarray:
@@ -282,7 +282,8 @@ def read_curve(run_dir: str, metric: str = "train", smooth: int = 1) -> Curve:
     if not os.path.isfile(config_path):
         raise FitError(f"run {run_dir} has no config.yaml: the whole-curve fit needs the run's LR schedule")
     try:
-        schedule = load_config(config_path).train
+        cfg = load_config(config_path)
+        schedule = cfg.train
         lrs = schedule_lrs(schedule)
     except (ConfigError, ValueError) as exc:
         raise FitError(f"{config_path}: cannot compute the LR schedule ({exc})") from None
@@ -299,7 +300,8 @@ def read_curve(run_dir: str, metric: str = "train", smooth: int = 1) -> Curve:
     offset = 1 if metric == "train" else 0  # a train loss is measured before its step's update
     updates = np.array([int(r["step"]) - offset for r in records])
     return Curve(os.path.basename(os.path.normpath(run_dir)), float(meta["params"]), updates, loss, lrs,
-                 schedule.warmup_steps, schedule.max_steps - offset, run_seed(run_dir))
+                 schedule.warmup_steps, schedule.max_steps - offset, run_seed(run_dir),
+                 cfg.tokens_per_step)
 
 
 def _check_logged_lrs(path: str, train: list, lrs: np.ndarray) -> None:

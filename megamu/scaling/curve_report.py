@@ -31,16 +31,10 @@ class Target:
     notes: tuple = ()  # what resolving the config changed (e.g. a warm-up longer than the run)
 
 
-def tokens_per_update(config: str) -> int:
-    """Tokens one optimizer update trains on: train.global_batch_size sequences of model.seq_len tokens."""
-    cfg = load_config(config)
-    return cfg.train.global_batch_size * cfg.model.seq_len
-
-
-def read_target(config: str, params: Optional[float] = None, ladder: Sequence[str] = ()) -> Target:
+def read_target(config: str, params: Optional[float] = None, ladder: Sequence[Curve] = ()) -> Target:
     """The target's schedule from its config, resolved and checked as megamu-train does, and its parameter count
-    (counted from the config unless given). `ladder`: the fitted runs' directories; the law is per update, so
-    a target whose updates carry another number of tokens than theirs is refused."""
+    (counted from the config unless given). `ladder`: the fitted runs' curves; the law is per update, so a
+    target whose updates carry another number of tokens than theirs is refused."""
     cfg = load_config(config)
     try:
         notes = resolve(cfg, check_files=False)
@@ -50,13 +44,11 @@ def read_target(config: str, params: Optional[float] = None, ladder: Sequence[st
         params = param_counts(cfg)["total"]
     if not params > 0:
         raise FitError(f"--target-params must be positive, got {params}")
-    target_tokens = cfg.train.global_batch_size * cfg.model.seq_len
-    for run_dir in ladder:
-        run_tokens = tokens_per_update(os.path.join(run_dir, "config.yaml"))
-        if run_tokens != target_tokens:
-            raise FitError(f"{config}: an update trains on {target_tokens} tokens (train.global_batch_size x "
-                           f"model.seq_len) but run {run_dir} trained on {run_tokens}; the curve law counts updates, "
-                           f"so give the target the ladder's batch and sequence length")
+    for curve in ladder:
+        if curve.tokens_per_step not in (None, cfg.tokens_per_step):
+            raise FitError(f"{config}: an update trains on {cfg.tokens_per_step} tokens (train.global_batch_size x "
+                           f"model.seq_len) but run {curve.name} trained on {curve.tokens_per_step}; the curve law "
+                           f"counts updates, so give the target the ladder's batch and sequence length")
     return Target(config, float(params), schedule_lrs(cfg.train), tuple(notes))
 
 

@@ -46,8 +46,7 @@ class TokenBudget:
     def steps_for(self, cfg: Config, params: int) -> int:
         if self.tokens_per_param is None:
             return self.steps or cfg.train.max_steps
-        tokens_per_step = cfg.train.global_batch_size * cfg.model.seq_len
-        return max(1, math.ceil(self.tokens_per_param * params / tokens_per_step))
+        return max(1, math.ceil(self.tokens_per_param * params / cfg.tokens_per_step))
 
 
 def _config_at(config: Optional[str], overrides: Sequence[str], width: int) -> tuple[Config, list[str]]:
@@ -107,7 +106,7 @@ def plan_ladder(
         steps = budget.steps_for(cfg, params)
         run_overrides = [*overrides, *scaled, f"train.max_steps={steps}"]
         resolve(load_config(config, run_overrides))  # bad keys or files: fail before launching
-        tokens = steps * cfg.train.global_batch_size * cfg.model.seq_len
+        tokens = steps * cfg.tokens_per_step
         labels = {"width": width, "params": params, "steps": steps, "tokens": tokens}
         for seed in seeds or [None]:
             name = f"w{width}" if seed is None else f"w{width}_s{seed}"

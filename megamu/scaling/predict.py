@@ -56,6 +56,8 @@ def predict(
     """
     if not 0 < level < 1:
         raise FitError(f"--level must be between 0 and 1, got {level}")
+    if bootstrap < 0:
+        raise FitError(f"--bootstrap N must be 0 (the delta method) or a number of resamples, got {bootstrap}")
     if target is not None and not (math.isfinite(target) and target > 0):
         raise FitError(f"--target must be a positive number, got {target}")
     x = np.array([p.x(x_kind) for p in points], dtype=float)

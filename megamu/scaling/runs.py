@@ -66,6 +66,8 @@ def read_run_point(
         raise FitError("give at most one of --at-step and --at-tokens")
     if smooth < 1:
         raise FitError(f"--smooth must be at least 1, got {smooth}")
+    if min_step is not None and min_step < 0:
+        raise FitError(f"--min-step must not be negative, got {min_step}")
     meta, train, evals = read_metrics(run_dir)
     name = os.path.basename(os.path.normpath(run_dir))
     records = train if metric == "train" else evals

@@ -138,7 +138,7 @@ class Trainer:
         self.bytes_per_token = _bytes_per_token(cfg)
         self.optimizer_step = build_engine(cfg, self.ds_config, self.state)
         self.engine = self.optimizer_step.engine  # the DeepSpeed engine: evaluation and checkpoints
-        self.tokens_per_step = t.global_batch_size * cfg.model.seq_len
+        self.tokens_per_step = cfg.tokens_per_step
         self.flops_per_token = flops_per_token(cfg)
         self.peak = peak_flops(train_dtype(t.dtype))
         counts = param_counts(cfg)
