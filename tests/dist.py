@@ -2,14 +2,17 @@
 launcher does: one process per rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR=127.0.0.1 /
 MASTER_PORT (a free port) set, gloo on CPU.
 
-Returns every rank's exit code and output, so a test can assert on failures as well as success.
+Returns every rank's exit code and output, so a test can assert on failures as well as success; a rank still
+running at the timeout is aborted (its Python stacks printed) and marked `timed_out`, beside the others.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -24,7 +27,8 @@ class RankResult:
     rank: int
     returncode: int
     output: str
-    ended_at: float  # time.time() when its exit was seen (ranks are waited for in rank order)
+    ended_at: float  # time.time() when its exit was seen (every rank is polled every POLL_S)
+    timed_out: bool = False  # still running at the launch's timeout: aborted, its Python stacks in `output`
 
 
 @dataclass
@@ -40,7 +44,8 @@ class LaunchResult:
         return all(code == 0 for code in self.returncodes)
 
     def describe(self) -> str:
-        return "\n".join(f"--- rank {r.rank} (exit {r.returncode}) ---\n{r.output[-4000:]}" for r in self.ranks)
+        return "\n".join(f"--- rank {r.rank} (exit {r.returncode}{', timed out' if r.timed_out else ''}) ---\n"
+                         f"{r.output[-4000:]}" for r in self.ranks)
 
 
 def free_port() -> int:
@@ -51,6 +56,8 @@ def free_port() -> int:
 
 # Another process may take the free port between free_port() and rank 0's bind: such a launch is retried.
 PORT_TAKEN = ("EADDRINUSE", "Address already in use")
+POLL_S = 0.1
+ABORT_GRACE_S = 10.0  # for a timed-out rank's stack dump before it is killed
 
 
 def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
@@ -73,6 +80,9 @@ def _launch_once(args: list[str], nprocs: int, timeout: float, extra_env: Option
     port = str(free_port())
     # A launcher around the tests (pytest under srun or mpirun) must not leak its variables into the ranks.
     inherited = without_launch_env(os.environ)
+    # Each rank writes to a file, not a pipe: a pipe nobody reads while another rank is waited for fills up,
+    # and a rank blocked writing to it stalls its peers in their next collective while its heartbeat goes on.
+    logs = [tempfile.TemporaryFile(mode="w+", prefix=f"rank{rank}-") for rank in range(nprocs)]
     procs = []
     for rank in range(nprocs):
         launcher = rank_env(rank) if rank_env else {
@@ -81,20 +91,50 @@ def _launch_once(args: list[str], nprocs: int, timeout: float, extra_env: Option
         env = {**inherited, **launcher,
                # Ranks share two cores: one thread each avoids oversubscription.
                "OMP_NUM_THREADS": "1",
+               # A rank aborted at the timeout prints every thread's Python stack: where it was stuck.
+               "PYTHONFAULTHANDLER": "1",
                **(extra_env or {})}
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=logs[rank],
                                       stderr=subprocess.STDOUT, text=True))
-    results = []
     try:
-        for rank, proc in enumerate(procs):
-            out, _ = proc.communicate(timeout=timeout)
-            results.append(RankResult(rank, proc.returncode, out, time.time()))
+        ended_at = wait_all(procs, timeout)
+        timed_out = {rank for rank in range(nprocs) if rank not in ended_at}
+        for rank in timed_out:
+            procs[rank].send_signal(signal.SIGABRT)
+        for rank in timed_out:
+            try:
+                procs[rank].wait(ABORT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                pass
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.communicate()
+                proc.wait()
+    results = []
+    for rank, (proc, log) in enumerate(zip(procs, logs)):
+        results.append(RankResult(rank, proc.returncode, read_log(log), ended_at.get(rank, time.time()),
+                                  rank in timed_out))
+        log.close()
     return LaunchResult(results)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> dict[int, float]:
+    """Wait until every process has ended or `timeout` seconds have passed; {index: time.time() it ended}
+    for those that ended."""
+    ended_at: dict[int, float] = {}
+    deadline = time.monotonic() + timeout
+    while len(ended_at) < len(procs) and time.monotonic() < deadline:
+        for i, proc in enumerate(procs):
+            if i not in ended_at and proc.poll() is not None:
+                ended_at[i] = time.time()
+        time.sleep(POLL_S)
+    return ended_at
+
+
+def read_log(log) -> str:  # type: ignore[no-untyped-def]
+    log.seek(0)
+    return log.read()
 
 
 def run_train(argv: list[str], nprocs: int = 1, **kwargs) -> LaunchResult:

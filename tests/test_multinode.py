@@ -14,11 +14,12 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from dist import REPO, free_port, run_train
+from dist import REPO, free_port, read_log, run_train, wait_all
 from megamu.config import load_config
 from megamu.parallel.launch_env import without_launch_env
 from megamu.shipped import resolve_config
@@ -44,24 +45,25 @@ def launch_nodes(hostfile: str, argv: list[str]) -> list[tuple[int, str]]:
     port = str(free_port())
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
     env = {**without_launch_env(os.environ), "OMP_NUM_THREADS": "1"}
+    logs = [tempfile.TemporaryFile(mode="w+", prefix=f"node{node}-") for node in range(len(HOSTS))]
     procs = [subprocess.Popen([deepspeed, "--hostfile", hostfile, "--no_ssh", "--node_rank", str(node),
                                "--master_addr", "127.0.0.1", "--master_port", port,
                                "--module", "megamu.train", *argv],
-                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=REPO, env=env, stdout=logs[node], stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
              for node in range(len(HOSTS))]
-    results = []
     try:
-        for proc in procs:
-            out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
-            results.append((proc.returncode, out))
+        wait_all(procs, LAUNCH_TIMEOUT_S)
     finally:
         for proc in procs:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)  # the launcher's ranks too, not just the launcher
             except ProcessLookupError:
                 pass
-            proc.communicate()
+            proc.wait()
+    results = [(proc.returncode, read_log(log)) for proc, log in zip(procs, logs)]
+    for log in logs:
+        log.close()
     return results
 
 
