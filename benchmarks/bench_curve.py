@@ -7,7 +7,8 @@
 Model and corpus of bench_mutransfer.py (the shipped mup_proxy, 1024-piece tokenizer) at the config's η,
 transferred unchanged under μP, with the run settings of `make demo` (megamu/demo.py's DEMO_OVERRIDES: readout
 initialised normally, MLP 8/3 of every width, 50 warm-up steps, η annealed to 0, every step logged); steps,
-batch and evaluation are this benchmark's. The fitted rungs train with the cosine schedule; the held-out rung
+batch and evaluation are this benchmark's. The fitted rungs train with the cosine schedule (`--fit-schedules
+cosine,constant`: each fitted width also at a constant η, which separates the annealing term); the held-out rung
 (≥ 8× the params of the largest fitted one) trains with WSD, a schedule the fit never saw. The curve law
 (megamu/scaling/curve.py) is fitted to the fitted rungs' validation curves (8 fixed batches every
 `--eval-every` steps, as `megamu-curve --metric auto` does when every run logged them) and scored on the
@@ -22,6 +23,7 @@ benchmark runs again. `--quick` is the smoke size of `make bench`. BENCHMARKS.md
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -50,11 +52,13 @@ def train(args: argparse.Namespace) -> tuple:
               f"train.micro_batch_size={args.batch}", f"train.eval_interval={args.eval_every}", "train.eval_iters=8",
               *([f"train.warmup_steps={args.warmup}"] if args.warmup is not None else [])]
     budget = TokenBudget(steps=args.steps)
-    fitted = plan_ladder(PROXY_CONFIG, [*common, "train.schedule=cosine"], args.fit_widths, budget,
-                         os.path.join(args.out, "cosine"))
+    fitted = [dataclasses.replace(spec, name=f"{schedule}/{spec.name}") for schedule in args.fit_schedules
+              for spec in plan_ladder(PROXY_CONFIG, [*common, f"train.schedule={schedule}"], args.fit_widths, budget,
+                                      os.path.join(args.out, schedule))]
     if args.spread_seeds:
-        fitted += plan_ladder(PROXY_CONFIG, [*common, "train.schedule=cosine"], [min(args.fit_widths)], budget,
-                              os.path.join(args.out, "cosine_seeds"), args.spread_seeds)
+        first = args.fit_schedules[0]
+        fitted += plan_ladder(PROXY_CONFIG, [*common, f"train.schedule={first}"], [min(args.fit_widths)], budget,
+                              os.path.join(args.out, f"{first}_seeds"), args.spread_seeds)
     held = plan_ladder(PROXY_CONFIG, [*common, "train.schedule=wsd"], [args.target_width], budget,
                        os.path.join(args.out, "wsd"))
     results = run_all([*fitted, *held], RULE, args.parallel)
@@ -75,7 +79,7 @@ def table(report: dict, args: argparse.Namespace, wall_s: float) -> list[str]:
     early_error = early["predicted_final"] / held["final"]["actual"] - 1
     spread = "unknown" if report["seed_spread"] is None else f"{report['seed_spread'] * 100:.2f}%"
     return [
-        "| fitted (cosine) | held out (WSD) | × params | records | mean rel. error | max rel. error | "
+        f"| fitted ({', '.join(args.fit_schedules)}) | held out (WSD) | × params | records | mean rel. error | max rel. error | "
         f"final actual / predicted | early forecast from {args.early_fraction:.0%} (error) | seed σ | flagged |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         f"| {', '.join(f'w{w}' for w in args.fit_widths)} | w{args.target_width} | {held['size_ratio']:.1f}× | "
@@ -97,6 +101,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", default="runs/bench/curve_clean", help="runs go to OUT/<steps>x<batch>/")
     parser.add_argument("--fit-widths", default="16,32,48")
     parser.add_argument("--target-width", type=int, default=192)
+    parser.add_argument("--fit-schedules", default="cosine",
+                        help="schedules the fitted widths train with, each one run per width (cosine, constant)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch", type=int, default=32, help="global (= micro) batch in sequences of 64 tokens")
     parser.add_argument("--eval-every", type=int, default=20)
@@ -116,6 +122,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:  # another budget is another ladder: its runs must not meet the finished runs of this one
         args.out = os.path.join(args.out, f"{args.steps}x{args.batch}")
     args.fit_widths = [int(w) for w in args.fit_widths.split(",")]
+    args.fit_schedules = [s.strip() for s in args.fit_schedules.split(",") if s.strip()]
+    if not args.fit_schedules or not set(args.fit_schedules) <= {"cosine", "constant"}:
+        parser.error(f"--fit-schedules takes cosine and/or constant (the held-out rung's WSD must stay unseen), "
+                     f"got {args.fit_schedules}")
     args.spread_seeds = [int(s) for s in str(args.spread_seeds).split(",") if s.strip()]
     fitted_dirs, held_dir = train(args)
     wall_s = training_seconds([*fitted_dirs, held_dir])

@@ -10,12 +10,12 @@ import yaml
 from megamu.cli import curve as curve_tool
 from megamu.config import TrainConfig
 from megamu.errors import FitError
-from megamu.scaling.curve import Curve, CurveFit, curve_errors, fit_curves, read_curve, schedule_lrs
+from megamu.scaling.curve import Curve, CurveFit, curve_errors, fit_curves, offset_seeds, read_curve, schedule_lrs
 from megamu.scaling.curve_report import curve_report, format_curve_report
 from megamu.scaling.early import early_forecast, seed_spread
 
-# The synthetic law: θ = (E, B, A, C, β, γ, α, log τ) at N_ref = 1e6.
-TRUE = np.array([1.8, 0.9, 0.6, 2.0, 0.35, 0.15, 0.45, math.log(40.0)])
+# The synthetic law: θ = (E, B, A, C, β, α, log τ, log q) at N_ref = 1e6; q = 3: the curves fan out.
+TRUE = np.array([1.8, 0.9, 0.6, 2.0, 0.35, 0.45, math.log(40.0), math.log(3.0)])
 N_REF = 1e6
 STEPS, WARMUP, PEAK_LR, LOG_EVERY = 400, 20, 4e-3, 5
 FIT_SIZES = (2.5e5, 5e5, 1e6)
@@ -45,7 +45,7 @@ def cosine_fit():
 
 def test_joint_fit_recovers_the_synthetic_law(cosine_fit):
     fitted = cosine_fit.theta.copy()
-    fitted[:4] *= (cosine_fit.n_ref / N_REF) ** np.array([0.0, fitted[4], fitted[5], fitted[5]])  # to N_REF's units
+    fitted[1] *= (cosine_fit.n_ref / N_REF) ** fitted[4]  # B to N_REF's units
     assert cosine_fit.rms_rel < 1e-4
     np.testing.assert_allclose(fitted, TRUE, rtol=0.03)
 
@@ -170,8 +170,9 @@ def test_auto_metric_fits_validation_curves_when_every_run_logged_them(tmp_path,
     assert curve_tool.main([*runs, "--early", early, "--fraction", "0.2", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["metric"] == "val" and "curves: val loss (every run logged" in capsys.readouterr().out
-    truth = true_curve(HELD_OUT, "wsd", shift=0.05).loss[-1]
-    assert report["early"]["predicted_final"] == pytest.approx(truth, rel=1e-3)
+    # the run's end: after update STEPS (its last val record is after update STEPS - 1)
+    truth = CurveFit(TRUE, N_REF, 0.0, (), HELD_OUT).predict(HELD_OUT, schedule("wsd"), np.array([STEPS]))[0]
+    assert report["early"]["predicted_final"] == pytest.approx(truth * math.exp(0.05), rel=1e-3)
     assert report["rms_rel"] < 1e-3  # the noiseless val curves, not the 1%-noisy train losses
 
     bare = write_run(tmp_path / "bare", true_curve(2e6, "cosine", noise=0.01), "cosine")
@@ -262,3 +263,13 @@ def test_parameters_on_a_bound_are_reported_as_not_pinned(cosine_fit):
     report, fit, _ = curve_report(curves)
     assert "C" in fit.at_bounds and "C" in report["fit"]["at_bounds"]
     assert "not pinned by these runs" in format_curve_report(report)
+
+
+def test_seed_offsets_only_for_seeds_linked_by_a_shared_size():
+    """An offset is measured against another seed at the same size; seeds each at a size of their own would trade
+    their offsets against the size term, so they get none."""
+    alone = [true_curve(n, "cosine", seed=i) for i, n in enumerate(FIT_SIZES)]
+    assert offset_seeds(alone) == []
+    linked = [true_curve(n, "cosine", seed=1) for n in FIT_SIZES] + [true_curve(FIT_SIZES[0], "cosine", seed=2)]
+    assert offset_seeds(linked) == [1, 2]
+    assert offset_seeds(linked + [true_curve(HELD_OUT, "cosine", seed=3)]) == []

@@ -1,7 +1,7 @@
 """The whole-curve forecast of `megamu-curve` as one report: fit the ladder's curves, score the held-out sizes'
 whole curves, predict a target config's curve, and forecast a partial run's final loss early.
 
-JSON: {"metric", "metric_reason" (the curves fitted: val or train, and why; added by megamu-curve), "law", "fit": {E, B, A, C, beta, gamma, alpha, tau, N_ref, seed_offsets, at_bounds}, "rms_rel", "fitted": [{"name", "params"}],
+JSON: {"metric", "metric_reason" (the curves fitted: val or train, and why; added by megamu-curve), "law", "fit": {E, B, A, C, beta, alpha, tau, q, N_ref, seed_offsets, at_bounds}, "rms_rel", "fitted": [{"name", "params"}],
 "holdout": [{"name", "params", "size_ratio", "records", "mean_rel_error", "max_rel_error", "final"}],
 "seed_spread": σ or null, "early": {...} or null, "target": {"config", "params", "final_updates", "final_loss"}
 or null}. Errors are relative (predicted/actual − 1) over the records after warm-up.
