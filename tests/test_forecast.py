@@ -22,6 +22,11 @@ def over_law(n, d, ratio_exponent=0.05):
     return 1.8 + c**-0.15 * (150 * m**ratio_exponent + 300 * m**-ratio_exponent)
 
 
+def smax_law(n, d, q=3.0):
+    """Kaplan-style: the size and data limits combined by a smooth maximum of order q."""
+    return 1.8 + ((480 / n**0.34) ** q + (410 / d**0.28) ** q) ** (1 / q)
+
+
 def noisy(loss, seed, sd=0.002):
     return loss * np.exp(np.random.default_rng(seed).normal(0, sd, len(loss)))
 
@@ -32,6 +37,7 @@ def noisy(loss, seed, sd=0.002):
     ("nd_sum", {"params": N, "tokens": D}, lambda c: nd_law(c["params"], c["tokens"])),
     ("nd_tied", {"params": N, "tokens": D}, lambda c: nd_law(c["params"], c["tokens"], beta=0.34)),
     ("cm_over", {"params": N, "tokens": D}, lambda c: over_law(c["params"], c["tokens"])),
+    ("nd_smax", {"params": N, "tokens": D}, lambda c: smax_law(c["params"], c["tokens"])),
 ])
 def test_each_form_recovers_its_law_and_extrapolates(name, columns, truth):
     form = FORMS[name]
@@ -49,6 +55,9 @@ def test_each_form_recovers_its_law_and_extrapolates(name, columns, truth):
         assert law["alpha_compute"] == pytest.approx(0.15, rel=1e-3)
         assert law["alpha_ratio"] == pytest.approx(0.05, rel=1e-3)
         assert law["A_over"] == pytest.approx(150, rel=1e-2) and law["A_under"] == pytest.approx(300, rel=1e-2)
+    if name == "nd_smax":
+        assert law["q"] == pytest.approx(3.0, rel=1e-3) and law["alpha_tokens"] == pytest.approx(0.28, rel=1e-3)
+        assert law["A_params"] == pytest.approx(480, rel=1e-2)
 
 
 def nd_columns():
@@ -80,6 +89,17 @@ def test_cross_validation_picks_the_over_training_form_on_its_own_data(seed):
     assert result.form == "cm_over" and "smallest cross-validated error" in result.reason, result.reason
     assert set(result.cv_errors) == {FORMS[f].label for f in ND_FORMS}
     assert np.all(np.abs(result.predicted / over_law(n, d)[~fitted] - 1) < 0.005)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cross_validation_picks_the_smooth_maximum_on_its_own_data(seed):
+    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
+    d = n * np.tile([5.0, 40.0, 320.0], 8)
+    loss = noisy(smax_law(n, d), seed=seed)
+    fitted = n < n.max()
+    result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
+    assert result.form == "nd_smax", result.reason
+    assert np.all(np.abs(result.predicted / smax_law(n, d)[~fitted] - 1) < 0.005)
 
 
 def test_forms_degenerate_on_every_fold_do_not_block_the_choice():

@@ -76,6 +76,10 @@ def test_law_from_a_fit_carries_its_delta_method_interval(tmp_path):
     path.write_text(json.dumps({"law": law.to_dict()}))
     again = load_law_file(str(path))
     np.testing.assert_allclose(again.interval(at[:, 0], at[:, 1], 0.9), expected, rtol=1e-6)
+    # a law the planner's Chinchilla form cannot hold is refused, not reduced to its terms
+    smax = FORMS["nd_smax"]
+    with pytest.raises(FitError, match="not a Chinchilla-form"):
+        law_from_fit(fit_form(smax, design(smax, {"params": rows[:, 0], "tokens": rows[:, 1]}), rows[:, 2]), "test")
 
 
 def test_law_files_of_predict_and_bad_law_files(tmp_path):

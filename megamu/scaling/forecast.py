@@ -37,7 +37,7 @@ from megamu.scaling.forms import FORMS, Form, LogFit, design, fit_form, t_quanti
 
 # The candidates the cross-validation chooses among: for one x, and for separate params and tokens.
 X_FORMS = ("x_floor", "x_pure")
-ND_FORMS = ("nd_sum", "nd_tied", "cm_over")
+ND_FORMS = ("nd_sum", "nd_tied", "cm_over", "nd_smax")
 MAX_FOLDS = 5  # the folds nearest the target; earlier ones extrapolate from a handful of tiny runs
 MAX_SIZE_BINS = 8  # sizes are binned geometrically when a ladder has more distinct ones (digitised points)
 # Tokens per parameter below which runs may be left out of an L(N, D) fit (chosen by cross-validation, see
@@ -120,7 +120,7 @@ def cross_validate(form: Form, columns: dict, loss: np.ndarray, bins: np.ndarray
     scored = np.ones(len(loss), dtype=bool) if scored is None else scored
     for k in range(1, int(bins.max()) + 1):
         train, test = (bins < k) & keep, (bins == k) & scored
-        if train.sum() < form.n_params or not test.any():
+        if train.sum() < form.min_points or not test.any():
             continue
         try:
             fit = fit_form(form, design(form, _subset(columns, train)), loss[train], options.huber, options.starts)
@@ -175,10 +175,11 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
     with_options = len({v.options for v in variants}) > 1
     folds = {v: cross_validate(FORMS[v.form], fit_columns, loss[fitted], bins, v.options,
                                None if v.min_ratio == 0 else fit_ratio >= v.min_ratio, scored) for v in variants}
-    # A variant no fold could be fitted on, where a form with as many parameters could, is degenerate on these
-    # runs rather than short of them: it does not compete (it would leave no fold common to all).
-    richest = max((FORMS[v.form].n_params for v in variants if folds[v]), default=0)
-    competing = [v for v in variants if folds[v] or FORMS[v.form].n_params > richest]
+    # A variant no fold could be fitted on, though its largest fold had the points it needs, is degenerate on
+    # these runs rather than short of them: it does not compete (it would leave no fold common to all).
+    largest_fold = {v: int(((bins < bins.max()) & (True if v.min_ratio == 0 else fit_ratio >= v.min_ratio)).sum())
+                    for v in variants}
+    competing = [v for v in variants if folds[v] or FORMS[v.form].min_points > largest_fold[v]]
     common = sorted(set.intersection(*(set(folds[v]) for v in competing)))[-MAX_FOLDS:]
     per_fold = {v: np.array([np.mean(np.abs(np.expm1(folds[v][k][0]))) for k in common]) for v in competing}
     scores = {_label(v, with_options): float(per_fold[v].mean()) if v in per_fold and common else None

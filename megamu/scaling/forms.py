@@ -11,7 +11,10 @@
 - `cm_over`   E + (A·M^γ + B·M^−γ)·C^−η with C = N·D and M = D/N: Gadre's idea (at any fixed M the loss
               falls along one power of compute, and M only sets the prefactor) with the prefactor's
               curvature in log M free (γ) instead of tied to η; γ = η is `nd_tied`. Each term is a product
-              of powers, N^−(η±γ)·D^−(η∓γ), so how much over-training costs is measured, not assumed.
+              of powers, N^−(η±γ)·D^−(η∓γ), so how much over-training costs is measured, not assumed;
+- `nd_smax`   E + ((A/N^α)^q + (B/D^β)^q)^(1/q), q ≥ 1: the two limits combined by a smooth maximum, as in
+              Kaplan et al. 2020's L(N, D) (q = 1 is `nd_sum`; a large q is the larger of the two: a run is
+              either size- or data-limited, and what the other variable adds fades).
 
 A term is a product of powers of the variables: log term_k = log A_k − Σ_j G_kj·log z_j with the exponent
 G_kj = Σ_p coefficients[k, j, p]·α_p linear in the form's exponents α.
@@ -24,7 +27,7 @@ method on log L (they stay positive).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional, Sequence
 
 import numpy as np
@@ -53,6 +56,7 @@ class Form:
     term_names: tuple  # natural() reports A_<name> for each term
     floor: bool = True
     label: str = ""
+    smooth_max: bool = False  # terms combined as (Σ term^q)^(1/q), with log q the last parameter
 
     @property
     def n_exponents(self) -> int:
@@ -65,7 +69,13 @@ class Form:
 
     @property
     def n_params(self) -> int:
-        return int(self.floor) + len(self.term_names) + self.n_exponents
+        return int(self.floor) + len(self.term_names) + self.n_exponents + int(self.smooth_max)
+
+    @property
+    def min_points(self) -> int:
+        """Points a fit needs: one per parameter, and one more for a smooth maximum, whose order is measured
+        by how a plain sum misses (with no residual left it is not measured at all)."""
+        return self.n_params + int(self.smooth_max)
 
     def exponent_matrix(self, alphas: np.ndarray) -> np.ndarray:
         """G, shape (terms, variables): the power of each variable in each term."""
@@ -74,8 +84,13 @@ class Form:
     def unpack(self, theta: np.ndarray) -> tuple:
         """(log E or None, log amplitudes, exponents)."""
         i = int(self.floor)
+        j = i + len(self.term_names)
         log_e = theta[0] if self.floor else None
-        return log_e, theta[i:i + len(self.term_names)], theta[i + len(self.term_names):]
+        return log_e, theta[i:j], theta[j:j + self.n_exponents]
+
+    def q(self, theta: np.ndarray) -> float:
+        """The smooth maximum's order; 1 (a plain sum) for the other forms."""
+        return math.exp(theta[-1]) if self.smooth_max else 1.0
 
 
 def _separate(name: str, variables: tuple, label: str, floor: bool = True, tied: bool = False) -> Form:
@@ -98,28 +113,44 @@ FORMS = {
     "nd_tied": _separate("nd_tied", ("params", "tokens"), "E+A/N^alpha+B/D^alpha", tied=True),
     "cm_over": Form("cm_over", ("params", "tokens"), _OVER_TRAINING, (("compute", 0), ("ratio", 1)),
                     ("over", "under"), label="E+(A*M^g+B*M^-g)/C^eta"),
+    "nd_smax": replace(_separate("nd_smax", ("params", "tokens"), "E+((A/N^alpha)^q+(B/D^beta)^q)^(1/q)"),
+                       smooth_max=True),
 }
+_MAX_Q = 30.0  # beyond, the smooth maximum is the larger term to within a few percent
+_START_Q = (1.0, 3.0)
 
 
-def _terms(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
-    """(floor, power terms, shape (n, K))."""
+def _log_terms(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
+    """(log E or None, log of each power term, shape (n, K))."""
     log_e, log_amps, alphas = form.unpack(theta)
     # Clipped: a trial step of the optimiser far up a wall would otherwise overflow to inf.
-    powers = np.exp(np.minimum(log_amps[None, :] - log_z @ form.exponent_matrix(alphas).T, 700.0))
-    return (math.exp(log_e) if form.floor else 0.0), powers
+    return log_e, np.minimum(log_amps[None, :] - log_z @ form.exponent_matrix(alphas).T, 700.0)
+
+
+def _combined(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
+    """(log E or None, log terms u, weights w = ∂S/∂u, S = log of the terms' combination (Σ e^(q·u))^(1/q)):
+    the plain sum at q = 1, whose weights are each term's share of it."""
+    log_e, u = _log_terms(form, theta, log_z)
+    q = form.q(theta)
+    top = u.max(axis=1, keepdims=True)  # divided out, so that e^(q·u) cannot overflow
+    combined = (top + np.log(np.exp(q * (u - top)).sum(axis=1, keepdims=True)) / q)[:, 0]
+    return log_e, u, np.exp(q * (u - combined[:, None])), combined
 
 
 def log_model(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
-    floor, powers = _terms(form, theta, log_z)
-    return np.log(np.maximum(floor + powers.sum(axis=1), 1e-300))  # a far trial step can underflow to 0
+    log_e, _, _, combined = _combined(form, theta, log_z)
+    return combined if log_e is None else np.logaddexp(log_e, combined)
 
 
 def log_jacobian(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
-    floor, powers = _terms(form, theta, log_z)
-    total = (floor + powers.sum(axis=1))[:, None]
-    slopes = -np.einsum("nk,nj,kjp->np", powers, log_z, np.asarray(form.coefficients, dtype=float))
-    columns = ([np.full((len(log_z), 1), floor)] if form.floor else []) + [powers, slopes]
-    return np.hstack(columns) / total
+    log_e, u, weights, combined = _combined(form, theta, log_z)
+    total = combined if log_e is None else np.logaddexp(log_e, combined)
+    share = np.exp(combined - total)[:, None]  # the power terms' share of L (1 without a floor)
+    slopes = -np.einsum("nk,nj,kjp->np", weights, log_z, np.asarray(form.coefficients, dtype=float))
+    columns = ([np.exp(log_e - total)[:, None]] if form.floor else []) + [share * weights, share * slopes]
+    if form.smooth_max:  # ∂S/∂log q = Σ w·u − S
+        columns.append(share * (np.sum(weights * u, axis=1) - combined)[:, None])
+    return np.hstack(columns)
 
 
 @dataclass(frozen=True)
@@ -154,7 +185,8 @@ class LogFit:
         amps = np.exp(log_amps + self.form.exponent_matrix(alphas) @ np.log(self.scales))
         return {"E": None if log_e is None else math.exp(log_e),
                 **{f"A_{t}": float(a) for t, a in zip(self.form.term_names, amps)},
-                **{f"alpha_{v}": float(alphas[p]) for v, p in self.form.exponent_keys}}
+                **{f"alpha_{v}": float(alphas[p]) for v, p in self.form.exponent_keys},
+                **({"q": self.form.q(self.theta)} if self.form.smooth_max else {})}
 
     def floor_identified(self) -> bool:
         """False when the data cannot tell the floor from the power terms: log E is uncertain by more
@@ -180,9 +212,9 @@ def fit_form(form: Form, z: np.ndarray, loss: Sequence[float], huber: Optional[f
     """Fit `form` to losses at the rows of z (least squares on log L, or Huber with δ = `huber`)."""
     z = np.atleast_2d(np.asarray(z, dtype=float))
     loss_arr = np.asarray(loss, dtype=float)
-    if len(loss_arr) < form.n_params:
+    if len(loss_arr) < form.min_points:
         raise FitError(f"{len(loss_arr)} point(s) to fit but {form.label} has {form.n_params} parameters: "
-                       f"add runs (at least {form.n_params}, better {form.n_params + 2})")
+                       f"add runs (at least {form.min_points}, better {form.n_params + 2})")
     if not (np.all(np.isfinite(z)) and np.all(z > 0) and np.all(np.isfinite(loss_arr)) and np.all(loss_arr > 0)):
         raise FitError("every loss and every x must be finite and positive: drop diverged or unlabelled runs")
     for k, v in enumerate(form.variables):
@@ -202,8 +234,9 @@ def fit_form(form: Form, z: np.ndarray, loss: Sequence[float], huber: Optional[f
 
 def _bounds(form: Form, min_loss: float) -> tuple:
     n_amp, n_exp = len(form.term_names), form.n_exponents
-    lower = [-np.inf] * (int(form.floor) + n_amp) + [_ALPHA_BOUNDS[0]] * n_exp
-    upper = ([math.log(min_loss)] if form.floor else []) + [np.inf] * n_amp + [_ALPHA_BOUNDS[1]] * n_exp
+    lower = [-np.inf] * (int(form.floor) + n_amp) + [_ALPHA_BOUNDS[0]] * n_exp + [0.0] * int(form.smooth_max)
+    upper = (([math.log(min_loss)] if form.floor else []) + [np.inf] * n_amp + [_ALPHA_BOUNDS[1]] * n_exp
+             + [math.log(_MAX_Q)] * int(form.smooth_max))
     return np.array(lower), np.array(upper)
 
 
@@ -215,9 +248,10 @@ def _starts(form: Form, log_z: np.ndarray, loss: np.ndarray, grid: str) -> Itera
     for alphas in _exponent_grid(form, exponents):
         powers = np.exp(-log_z @ form.exponent_matrix(alphas).T)
         for floor in floors:
-            amps, _ = optimize.nnls(powers, loss - floor)
+            amps, _ = optimize.nnls(powers, loss - floor)  # the plain sum's (q = 1)
             log_amps = np.log(np.maximum(amps, 1e-3 * (loss.mean() - floor) / len(form.term_names)))
-            yield np.concatenate([[math.log(floor)] if form.floor else [], log_amps, alphas])
+            start = np.concatenate([[math.log(floor)] if form.floor else [], log_amps, alphas])
+            yield from (np.append(start, math.log(q)) for q in _START_Q) if form.smooth_max else [start]
 
 
 def _exponent_grid(form: Form, exponents: tuple) -> Iterator[np.ndarray]:

@@ -102,8 +102,8 @@ def law_from_fit(fit: LogFit, source: str) -> NDLaw:
     """The natural-unit law of an N, D fit, its covariance carried over by the Jacobian of the change of
     variables (the delta method gives the same interval in either parametrisation)."""
     form = fit.form
-    if form.variables != ("params", "tokens") or not form.floor:
-        raise FitError(f"form {form.label} is not an L(N, D) law with a floor")
+    if form.variables != ("params", "tokens") or not form.floor or form.smooth_max:
+        raise FitError(f"form {form.label} is not a Chinchilla-form L(N, D) law (a floor plus one power of each)")
     nat = fit.natural()
     law = (nat["E"], nat["A_params"], nat["alpha_params"], nat["A_tokens"], nat["alpha_tokens"])
     if fit.covariance is None or not fit.floor_identified():
