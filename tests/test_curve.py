@@ -273,3 +273,31 @@ def test_seed_offsets_only_for_seeds_linked_by_a_shared_size():
     linked = [true_curve(n, "cosine", seed=1) for n in FIT_SIZES] + [true_curve(FIT_SIZES[0], "cosine", seed=2)]
     assert offset_seeds(linked) == [1, 2]
     assert offset_seeds(linked + [true_curve(HELD_OUT, "cosine", seed=3)]) == []
+
+
+def fanning(params: float, kind: str, shift: float = 0.0, seed: int = 0) -> Curve:
+    """The synthetic law with a fan-out it cannot quite follow: larger models gain a little more as training goes on."""
+    curve = true_curve(params, kind, seed=seed, shift=shift)
+    extra = np.exp(-0.01 * math.log(params / N_REF) * curve.updates / STEPS)
+    return Curve(curve.name, params, curve.updates, curve.loss * extra, curve.lrs, WARMUP, curve.final_updates, seed)
+
+
+def test_the_flag_allows_for_the_drift_the_law_showed_extrapolating_to_its_largest_size():
+    """A healthy run 8× beyond the ladder sits off the law by the law's own extrapolation error, more than the seed
+    spread: measured by leaving the ladder's largest size out, it is allowed for; a run 3% off is still flagged."""
+    sizes = (2.5e5, 5e5, 1e6, 2e6)
+    fitted = [fanning(n, "cosine", seed=1) for n in sizes] + [fanning(sizes[0], "cosine", shift=0.001, seed=2)]
+    report, fit, _ = curve_report(fitted, early=fanning(16e6, "wsd", seed=1).prefix(0.2))
+    early = report["early"]
+    assert abs(early["offset"]) > 2 * early["spread"]  # beyond the seed spread alone
+    assert early["drift"] == pytest.approx(early["offset"], rel=0.5) and early["flagged"] is False
+    assert "the law's expected error at this size" in early["verdict"]
+    report, _, _ = curve_report(fitted, early=fanning(16e6, "wsd", shift=0.03, seed=1).prefix(0.2))
+    assert report["early"]["flagged"] is True
+    # three sizes leave none to hold out: the drift is not measured, and the verdict says so
+    three = [c for c in fitted if c.params != sizes[-1]]
+    report, _, _ = curve_report(three, early=fanning(16e6, "wsd", seed=1).prefix(0.2))
+    assert report["early"]["drift"] is None and "not measured" in report["early"]["verdict"]
+    # within the ladder's sizes the law does not extrapolate: no drift
+    report, _, _ = curve_report(fitted[:-2] + fitted[-1:], early=fanning(sizes[-2], "wsd", seed=1).prefix(0.2))
+    assert report["early"]["drift"] == 0.0
