@@ -7,7 +7,9 @@ running at the timeout is aborted (its Python stacks printed) and marked `timed_
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -58,6 +60,8 @@ def free_port() -> int:
 PORT_TAKEN = ("EADDRINUSE", "Address already in use")
 POLL_S = 0.1
 ABORT_GRACE_S = 10.0  # for a timed-out rank's stack dump before it is killed
+# SIGABRT would leave a core file in the repository where core dumps are on: the ranks inherit this limit.
+resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
 
 
 def launch(args: list[str], nprocs: int = 1, timeout: float = 240.0,
@@ -82,41 +86,36 @@ def _launch_once(args: list[str], nprocs: int, timeout: float, extra_env: Option
     inherited = without_launch_env(os.environ)
     # Each rank writes to a file, not a pipe: a pipe nobody reads while another rank is waited for fills up,
     # and a rank blocked writing to it stalls its peers in their next collective while its heartbeat goes on.
-    logs = [tempfile.TemporaryFile(mode="w+", prefix=f"rank{rank}-") for rank in range(nprocs)]
-    procs = []
-    for rank in range(nprocs):
-        launcher = rank_env(rank) if rank_env else {
-            "RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(nprocs),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        env = {**inherited, **launcher,
-               # Ranks share two cores: one thread each avoids oversubscription.
-               "OMP_NUM_THREADS": "1",
-               # A rank aborted at the timeout prints every thread's Python stack: where it was stuck.
-               "PYTHONFAULTHANDLER": "1",
-               **(extra_env or {})}
-        procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=logs[rank],
-                                      stderr=subprocess.STDOUT, text=True))
-    try:
-        ended_at = wait_all(procs, timeout)
-        timed_out = {rank for rank in range(nprocs) if rank not in ended_at}
-        for rank in timed_out:
-            procs[rank].send_signal(signal.SIGABRT)
-        for rank in timed_out:
-            try:
-                procs[rank].wait(ABORT_GRACE_S)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    results = []
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        results.append(RankResult(rank, proc.returncode, read_log(log), ended_at.get(rank, time.time()),
-                                  rank in timed_out))
-        log.close()
-    return LaunchResult(results)
+    with contextlib.ExitStack() as files:
+        logs = [files.enter_context(tempfile.TemporaryFile(mode="w+", prefix=f"rank{rank}-"))
+                for rank in range(nprocs)]
+        procs: list[subprocess.Popen] = []
+        try:
+            for rank in range(nprocs):
+                launcher = rank_env(rank) if rank_env else {
+                    "RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_RANK": str(rank),
+                    "LOCAL_WORLD_SIZE": str(nprocs), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+                env = {**inherited, **launcher,
+                       # Ranks share two cores: one thread each avoids oversubscription.
+                       "OMP_NUM_THREADS": "1",
+                       # A rank aborted at the timeout prints every thread's Python stack: where it was stuck.
+                       "PYTHONFAULTHANDLER": "1",
+                       **(extra_env or {})}
+                procs.append(subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=logs[rank],
+                                              stderr=subprocess.STDOUT, text=True))
+            ended_at = wait_all(procs, timeout)
+            timed_out = {rank for rank, proc in enumerate(procs) if rank not in ended_at and proc.poll() is None}
+            ended_at.update({rank: time.time() for rank in range(nprocs) if rank not in set(ended_at) | timed_out})
+            for rank in timed_out:
+                procs[rank].send_signal(signal.SIGABRT)
+            wait_all([procs[rank] for rank in timed_out], ABORT_GRACE_S)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return LaunchResult([RankResult(rank, proc.returncode, read_log(log), ended_at.get(rank, time.time()),
+                                        rank in timed_out) for rank, (proc, log) in enumerate(zip(procs, logs))])
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> dict[int, float]:

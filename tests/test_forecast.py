@@ -102,6 +102,17 @@ def test_cross_validation_picks_the_smooth_maximum_on_its_own_data(seed):
     assert np.all(np.abs(result.predicted / smax_law(n, d)[~fitted] - 1) < 0.005)
 
 
+def test_a_form_short_of_points_on_every_fold_does_not_switch_the_cross_validation_off():
+    # Four sizes: the one fold has 6 points, one short of the smooth maximum's 7; the others are still compared
+    # on it (and the report names what was not), rather than every form falling back to a default.
+    n = np.repeat(np.geomspace(1e7, 1e9, 4), 3)
+    d = n * np.tile([5.0, 20.0, 80.0], 4)
+    result = forecast({"params": n, "tokens": d}, noisy(nd_law(n, d), seed=0, sd=0.01), n, n < n.max(), ND_FORMS)
+    assert result.folds == 1 and "by default" not in result.reason, result.reason
+    assert "not compared (no fold could be fitted with them)" in result.reason
+    assert FORMS["nd_smax"].label in result.reason.split("not compared")[1]
+
+
 def test_forms_degenerate_on_every_fold_do_not_block_the_choice():
     # γ = 0.3 > η: at fixed N the loss rises with D, which neither Chinchilla form can follow (both fits are
     # degenerate on every fold); the over-training form is still chosen on its folds rather than by default.

@@ -52,8 +52,9 @@ def launch_nodes(hostfile: str, argv: list[str]) -> list[tuple[int, str]]:
                               cwd=REPO, env=env, stdout=logs[node], stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
              for node in range(len(HOSTS))]
+    ended: dict[int, float] = {}
     try:
-        wait_all(procs, LAUNCH_TIMEOUT_S)
+        ended = wait_all(procs, LAUNCH_TIMEOUT_S)
     finally:
         for proc in procs:
             try:
@@ -61,7 +62,8 @@ def launch_nodes(hostfile: str, argv: list[str]) -> list[tuple[int, str]]:
             except ProcessLookupError:
                 pass
             proc.wait()
-    results = [(proc.returncode, read_log(log)) for proc, log in zip(procs, logs)]
+    results = [(proc.returncode, ("" if node in ended else f"[timed out after {LAUNCH_TIMEOUT_S}s: killed]\n")
+                + read_log(log)) for node, (proc, log) in enumerate(zip(procs, logs))]
     for log in logs:
         log.close()
     return results

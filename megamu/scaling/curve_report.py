@@ -3,7 +3,7 @@ whole curves, predict a target config's curve, and forecast a partial run's fina
 
 JSON: {"metric", "metric_reason" (the curves fitted: val or train, and why; added by megamu-curve), "law", "fit": {E, B, A, C, beta, alpha, tau, q, N_ref, seed_offsets, at_bounds}, "rms_rel", "fitted": [{"name", "params"}],
 "holdout": [{"name", "params", "size_ratio", "records", "mean_rel_error", "max_rel_error", "final"}],
-"seed_spread": σ or null, "early": {name, seen_updates, final_updates, trend_final, predicted_final, offset, spread, flagged, actual_final, drift, verdict} or null, "target": {"config", "params", "final_updates", "final_loss"}
+"seed_spread": σ or null, "early": {name, seen_updates, final_updates, trend_final, predicted_final, offset, spread, flagged, actual_final, drift, drift_sd, drift_note, verdict} or null, "target": {"config", "params", "final_updates", "final_loss"}
 or null}. Errors are relative (predicted/actual − 1) over the records after warm-up.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from megamu.config import ConfigError, load_config, resolve
 from megamu.errors import FitError
 from megamu.model import param_counts
 from megamu.scaling.curve import LAW, Curve, CurveFit, curve_errors, fit_curves, schedule_lrs
-from megamu.scaling.early import EarlyForecast, early_forecast, extrapolation_drift, seed_spread
+from megamu.scaling.early import Drift, EarlyForecast, early_forecast, extrapolation_drift, seed_spread
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,10 @@ def curve_report(curves: Sequence[Curve], holdout: int = 0, early: Optional[Curv
                        "out (--holdout), else it is compared with a trend fitted to itself")
     fit = fit_curves(fitted)
     spread = seed_spread(fit, fitted)
-    forecast: Optional[EarlyForecast] = None if early is None else \
-        early_forecast(fit, early, spread, extrapolation_drift(fitted, early))
+    forecast: Optional[EarlyForecast] = None
+    if early is not None:  # the drift only widens the flag's band, which needs the spread
+        drift = Drift(None) if spread is None else extrapolation_drift(fitted, early, spread)
+        forecast = early_forecast(fit, early, spread, drift)
     report = {
         "law": LAW, "fit": fit.natural(), "rms_rel": fit.rms_rel,
         "fitted": [{"name": c.name, "params": c.params} for c in fitted],

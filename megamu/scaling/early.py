@@ -12,14 +12,16 @@ A run larger than the ladder is also off the trend by the law's own extrapolatio
 exceed the seed spread several times over (benchmarks/bench_curve.py: healthy runs 2–3% below the law over
 their first 20%, against a seed spread of ±0.55%). That error is measured the way the ladder can: the law
 refitted without its largest size, that size's offset over the same fraction of its schedule, per e-fold of
-size, times the run's e-folds beyond the ladder (`extrapolation_drift`; it needs a size to leave out and
-three to refit). A run is flagged when its offset exceeds twice the seed spread plus that drift.
+size, times the run's e-folds beyond the ladder (`extrapolation_drift`; it needs a size to leave out, three to
+refit, and the two largest sizes at least 1.35x apart). A healthy run's offset lies between 0 and that drift,
+give or take twice the seed spread and the drift's own uncertainty (the seed spread of the runs it rests on,
+scaled as the drift is); outside, the run is flagged.
 """
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 import numpy as np
@@ -28,6 +30,7 @@ from megamu.errors import FitError
 from megamu.scaling.curve import MIN_SIZES, Curve, CurveFit, fit_curves
 
 FLAG_SIGMAS = 2.0
+MIN_GAP = 0.3  # e-folds between the ladder's two largest sizes for the drift to be measured
 
 
 def log_offset(fit: CurveFit, curve: Curve) -> float:
@@ -56,25 +59,42 @@ def seed_spread(fit: CurveFit, curves: Sequence[Curve]) -> Optional[float]:
     return float(np.sqrt(sum(np.sum((g - g.mean()) ** 2) for g in groups) / dof))
 
 
-def extrapolation_drift(fitted: Sequence[Curve], curve: Curve) -> Optional[float]:
-    """The log offset the ladder's law is expected to have over the records of `curve` (a run so far) from its
-    size alone: 0 within the ladder's sizes; beyond them, the drift the law showed extrapolating to its own
-    largest size (refitted without it), per e-fold of size, times the run's e-folds beyond the ladder. None when
-    it cannot be measured: too few sizes to leave one out, or too few records of that size so far."""
+@dataclass(frozen=True)
+class Drift:
+    """The ladder law's expected log offset at a run's size, from its own extrapolation to the ladder's largest
+    size; `sd` is that estimate's uncertainty from the seed spread of the runs it rests on. value None: not
+    measured, `why_not` says why."""
+
+    value: Optional[float]
+    sd: float = 0.0
+    why_not: str = ""
+
+
+def extrapolation_drift(fitted: Sequence[Curve], curve: Curve, spread: float) -> Drift:
+    """The drift of the law over the records of `curve` (a run so far) due to its size alone: 0 within the
+    ladder's sizes; beyond them, the offset the law refitted without the ladder's largest size has at that size
+    (its runs over the same fraction of their schedule), per e-fold of size, times the run's e-folds beyond the
+    ladder. The seed spread of those runs' mean, scaled the same way, is its uncertainty."""
     sizes = sorted({c.params for c in fitted})
     beyond = math.log(curve.params / sizes[-1])
     if beyond <= 0:
-        return 0.0
+        return Drift(0.0)
     if len(sizes) <= MIN_SIZES:
-        return None
-    largest = [c for c in fitted if c.params == sizes[-1]]
-    refit = fit_curves([c for c in fitted if c.params != sizes[-1]])
+        return Drift(None, why_not=f"it needs runs at {MIN_SIZES + 1} or more ladder sizes, one to leave out")
+    gap = math.log(sizes[-1] / sizes[-2])
+    if gap < MIN_GAP:  # the drift per e-fold would be a small offset divided by a small distance: noise
+        return Drift(None, why_not=f"the ladder's two largest sizes are {math.exp(gap):.2f}x apart, too close to "
+                                   f"measure it (at least {math.exp(MIN_GAP):.2f}x)")
     seen = float(curve.updates[-1]) / len(curve.lrs)
-    try:
-        offset = float(np.mean([log_offset(refit, c.prefix(seen)) for c in largest]))
-    except FitError:  # the largest size's runs have too few records over that fraction of their schedule
-        return None
-    return offset / math.log(sizes[-1] / sizes[-2]) * beyond
+    largest = [c.prefix(seen) for c in fitted if c.params == sizes[-1]]
+    largest = [c for c in largest if c.after_warmup().sum() >= 2]
+    if not largest:
+        return Drift(None, why_not=f"the ladder's largest size has too few records over the first {seen:.0%} of "
+                                   "its schedule")
+    refit = fit_curves([c for c in fitted if c.params != sizes[-1]])
+    offset = float(np.mean([log_offset(refit, c) for c in largest]))
+    scale = beyond / gap
+    return Drift(offset * scale, spread / math.sqrt(len(largest)) * scale)
 
 
 @dataclass(frozen=True)
@@ -86,38 +106,50 @@ class EarlyForecast:
     predicted_final: float  # the trend times the run's own offset
     offset: float  # log(actual / trend) of the run so far
     spread: Optional[float]  # seed-to-seed standard deviation of that offset; None: unknown
-    flagged: Optional[bool]  # |offset| > FLAG_SIGMAS · spread + |drift|; None when the spread is unknown
+    flagged: Optional[bool]  # offset outside band(); None when the spread is unknown
     actual_final: Optional[float] = None  # the run's own last loss when it has already finished
-    drift: Optional[float] = 0.0  # the law's expected offset at this size (extrapolation_drift); None: unmeasured
+    drift: Optional[float] = 0.0  # the law's expected offset at this size (Drift.value); None: not measured
+    drift_sd: float = 0.0
+    drift_note: str = ""  # why the drift is not measured
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
+    def band(self) -> Optional[tuple]:
+        """The offsets a healthy run may have: between 0 and the drift, widened by twice the seed spread and the
+        drift's own uncertainty (added in quadrature); None when the spread is unknown."""
+        if self.spread is None:
+            return None
+        drift = self.drift or 0.0
+        width = FLAG_SIGMAS * math.hypot(self.spread, self.drift_sd)
+        return min(0.0, drift) - width, max(0.0, drift) + width
+
     def verdict(self) -> str:
-        if self.flagged is None:
+        band = self.band()
+        if band is None:
             return ("seed-to-seed spread unknown (no ladder size was trained with several seeds): "
                     f"the run is {self.offset * 100:+.2f}% off the ladder's trend, with nothing to compare it to")
         state = "has LEFT the ladder's trend" if self.flagged else "follows the ladder's trend"
         line = (f"{state}: {self.offset * 100:+.2f}% vs a seed spread of ±{FLAG_SIGMAS * self.spread * 100:.2f}% "
                 f"({FLAG_SIGMAS:g}σ)")
         if self.drift is None:
-            return line + ("; the law's own extrapolation error to this size is not measured (it needs runs at "
-                           f"{MIN_SIZES + 1} or more ladder sizes) and not allowed for")
-        if self.drift:
-            return line + (f" plus ±{abs(self.drift) * 100:.2f}%, the law's expected error at this size (the "
-                           "drift it showed extrapolating to the ladder's largest size, scaled to this run's: "
-                           f"{self.drift * 100:+.2f}%)")
-        return line
+            return line + f"; the law's own extrapolation error at this size is not allowed for ({self.drift_note})"
+        if not self.drift:
+            return line
+        return (f"{state}: {self.offset * 100:+.2f}%, healthy between {band[0] * 100:+.2f}% and "
+                f"{band[1] * 100:+.2f}%: the law's expected error at this size is {self.drift * 100:+.2f}% ± "
+                f"{self.drift_sd * 100:.2f}% (the drift it showed extrapolating to the ladder's largest size, scaled "
+                f"to this run's), and the seed spread ±{FLAG_SIGMAS * self.spread * 100:.2f}% ({FLAG_SIGMAS:g}σ)")
 
 
-def early_forecast(fit: CurveFit, curve: Curve, spread: Optional[float],
-                   drift: Optional[float] = 0.0) -> EarlyForecast:
+def early_forecast(fit: CurveFit, curve: Curve, spread: Optional[float], drift: Drift = Drift(0.0)) -> EarlyForecast:
     """Forecast the final loss of `curve` (a run's records so far) from the fitted ladder law; `drift`: the
     law's expected offset at the run's size (extrapolation_drift)."""
     offset = log_offset(fit, curve)
     trend = float(fit.predict(curve.params, curve.lrs, np.array([curve.final_updates]), curve.seed)[0])
-    allowed = None if spread is None else FLAG_SIGMAS * spread + abs(drift or 0.0)
-    flagged = None if allowed is None else bool(abs(offset) > allowed)
     finished = float(curve.loss[-1]) if curve.updates[-1] >= curve.final_updates else None
-    return EarlyForecast(curve.name, int(curve.updates[-1]), curve.final_updates, trend,
-                         trend * float(np.exp(offset)), offset, spread, flagged, finished, drift)
+    forecast = EarlyForecast(curve.name, int(curve.updates[-1]), curve.final_updates, trend,
+                             trend * float(np.exp(offset)), offset, spread, None, finished, drift.value, drift.sd,
+                             drift.why_not)
+    band = forecast.band()
+    return forecast if band is None else replace(forecast, flagged=not band[0] <= offset <= band[1])

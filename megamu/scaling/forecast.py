@@ -175,11 +175,8 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
     with_options = len({v.options for v in variants}) > 1
     folds = {v: cross_validate(FORMS[v.form], fit_columns, loss[fitted], bins, v.options,
                                None if v.min_ratio == 0 else fit_ratio >= v.min_ratio, scored) for v in variants}
-    # A variant no fold could be fitted on, though its largest fold had the points it needs, is degenerate on
-    # these runs rather than short of them: it does not compete (it would leave no fold common to all).
-    largest_fold = {v: int(((bins < bins.max()) & (True if v.min_ratio == 0 else fit_ratio >= v.min_ratio)).sum())
-                    for v in variants}
-    competing = [v for v in variants if folds[v] or FORMS[v.form].min_points > largest_fold[v]]
+    competing = _competing(variants, folds, bins, fit_ratio)
+    uncompared = [_label(v, with_options) for v in variants if v not in competing]
     common = sorted(set.intersection(*(set(folds[v]) for v in competing)))[-MAX_FOLDS:]
     per_fold = {v: np.array([np.mean(np.abs(np.expm1(folds[v][k][0]))) for k in common]) for v in competing}
     scores = {_label(v, with_options): float(per_fold[v].mean()) if v in per_fold and common else None
@@ -201,7 +198,9 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
             if len(refused) == len(competing):
                 raise
             why_refused.append(f"{_label(chosen, with_options)} could not be refitted on every run ({exc})")
-    reason = "; ".join([reason, *why_refused])
+    reason = "; ".join([reason, *why_refused,
+                        *([f"not compared (no fold could be fitted with them): {', '.join(uncompared)}"]
+                          if uncompared else [])])
     held = ~fitted
     z_held = design(form, _subset(columns, held))
     predicted = fit.predict(z_held) if held.any() else np.zeros(0)
@@ -214,6 +213,21 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
                         f"fit without them predicted better in cross-validation")
     return Forecast(chosen.form, fit, predicted, interval, scores, len(common), reason, notes, chosen.options,
                     chosen.min_ratio, excluded)
+
+
+def _competing(variants: list, folds: dict, bins: np.ndarray, ratio: Optional[np.ndarray]) -> list:
+    """The variants the cross-validation compares. One that no fold could be fitted on cannot be compared: if its
+    largest fold had the points it needs, it is degenerate on these runs and left out; if not, it is short of
+    runs, and it is left out when at least two others can be compared, else the comparison is not possible and
+    every variant stays, so that none is common to all folds and the first (the classic form) is the default."""
+    def largest_fold(v: Variant) -> int:
+        return int(((bins < bins.max()) & (True if v.min_ratio == 0 else ratio >= v.min_ratio)).sum())
+
+    fitted = [v for v in variants if folds[v]]
+    short = [v for v in variants if not folds[v] and FORMS[v.form].min_points > largest_fold(v)]
+    if len(fitted) >= 2 or not short:
+        return fitted or list(variants)
+    return [v for v in variants if v in fitted or v in short]
 
 
 def _label(variant: Variant, with_options: bool) -> str:

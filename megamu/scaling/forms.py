@@ -213,8 +213,9 @@ def fit_form(form: Form, z: np.ndarray, loss: Sequence[float], huber: Optional[f
     z = np.atleast_2d(np.asarray(z, dtype=float))
     loss_arr = np.asarray(loss, dtype=float)
     if len(loss_arr) < form.min_points:
-        raise FitError(f"{len(loss_arr)} point(s) to fit but {form.label} has {form.n_params} parameters: "
-                       f"add runs (at least {form.min_points}, better {form.n_params + 2})")
+        extra = " and needs a residual to measure q" if form.smooth_max else ""
+        raise FitError(f"{len(loss_arr)} point(s) to fit but {form.label} has {form.n_params} parameters{extra}: "
+                       f"add runs (at least {form.min_points}, better {form.min_points + 2})")
     if not (np.all(np.isfinite(z)) and np.all(z > 0) and np.all(np.isfinite(loss_arr)) and np.all(loss_arr > 0)):
         raise FitError("every loss and every x must be finite and positive: drop diverged or unlabelled runs")
     for k, v in enumerate(form.variables):

@@ -102,7 +102,8 @@ def law_from_fit(fit: LogFit, source: str) -> NDLaw:
     """The natural-unit law of an N, D fit, its covariance carried over by the Jacobian of the change of
     variables (the delta method gives the same interval in either parametrisation)."""
     form = fit.form
-    if form.variables != ("params", "tokens") or not form.floor or form.smooth_max:
+    if (form.variables != ("params", "tokens") or form.term_names != ("params", "tokens") or not form.floor
+            or form.smooth_max):
         raise FitError(f"form {form.label} is not a Chinchilla-form L(N, D) law (a floor plus one power of each)")
     nat = fit.natural()
     law = (nat["E"], nat["A_params"], nat["alpha_params"], nat["A_tokens"], nat["alpha_tokens"])

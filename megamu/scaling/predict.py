@@ -4,8 +4,8 @@
 `selection`, `warnings`, `interval_source`, `interval_note` and, with two_var, the L(N, D) fit) and the
 fitted curve for plotting; `format_report` turns that JSON into the table the tool prints. `selection` is
 megamu.scaling.forecast's choice among forms by expanding-window cross-validation (with or without a floor;
-for L(N, D) Chinchilla's sum, its tied-exponent version or the over-training form), with its own holdout,
-prediction and interval, beside the classic fit the contract keeps.
+for L(N, D) Chinchilla's sum, its tied-exponent version, the over-training form or the smooth maximum), with
+its own holdout, prediction and interval, beside the classic fit the contract keeps.
 When the classic fit's own interval means nothing (fewer than two residual degrees of freedom, or reaching
 0 or 6× the loss) its intervals are the selection's, relative to the loss, or none, and `interval_note` says
 why; `warnings` names a ladder whose loss does not fall with x and extreme exponents.
