@@ -1,7 +1,7 @@
 """Whole-curve forecast across widths and under an unseen schedule, and the early forecast, on real megamu runs.
 
-    python benchmarks/bench_curve.py [--out runs/bench/curve_clean] [--fit-widths 16,32,48] [--target-width 192]
-        [--steps 600] [--batch 32] [--eval-every 20] [--spread-seeds 2] [--parallel 1]
+    python benchmarks/bench_curve.py [--out runs/bench/curve_clean] [--fit-widths 16,32,48,64] [--target-width 256]
+        [--fit-schedules cosine] [--steps 600] [--batch 32] [--eval-every 20] [--spread-seeds 2] [--parallel 1]
         [--metric val|train] [--smooth 21] [--figures DIR] [--quick]
 
 Model and corpus of bench_mutransfer.py (the shipped mup_proxy, 1024-piece tokenizer) at the config's η,
@@ -99,8 +99,8 @@ def table(report: dict, args: argparse.Namespace, wall_s: float) -> list[str]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench/curve_clean", help="runs go to OUT/<steps>x<batch>/")
-    parser.add_argument("--fit-widths", default="16,32,48")
-    parser.add_argument("--target-width", type=int, default=192)
+    parser.add_argument("--fit-widths", default="16,32,48,64")
+    parser.add_argument("--target-width", type=int, default=256)
     parser.add_argument("--fit-schedules", default="cosine",
                         help="schedules the fitted widths train with, each one run per width (cosine, constant)")
     parser.add_argument("--steps", type=int, default=600)
