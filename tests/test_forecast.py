@@ -27,6 +27,13 @@ def smax_law(n, d, q=3.0):
     return 1.8 + ((480 / n**0.34) ** q + (410 / d**0.28) ** q) ** (1 / q)
 
 
+def eight_sizes():
+    """Eight sizes at 5, 40 and 320 tokens per parameter: four expanding-window folds, enough for nested forms
+    to be told apart."""
+    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
+    return n, n * np.tile([5.0, 40.0, 320.0], 8)
+
+
 def noisy(loss, seed, sd=0.002):
     return loss * np.exp(np.random.default_rng(seed).normal(0, sd, len(loss)))
 
@@ -67,9 +74,7 @@ def nd_columns():
 @pytest.mark.parametrize("beta, expected", [(0.12, "nd_sum"), (0.34, "nd_tied")])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_cross_validation_picks_the_generating_nd_form(beta, expected, seed):
-    # Eight sizes, so four expanding-window folds: enough for the nested forms to be told apart.
-    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
-    d = n * np.tile([5.0, 40.0, 320.0], 8)
+    n, d = eight_sizes()
     loss = noisy(nd_law(n, d, beta), seed=seed)
     fitted = n < n.max()
     result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
@@ -80,26 +85,15 @@ def test_cross_validation_picks_the_generating_nd_form(beta, expected, seed):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_cross_validation_picks_the_over_training_form_on_its_own_data(seed):
-    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
-    d = n * np.tile([5.0, 40.0, 320.0], 8)
-    loss = noisy(over_law(n, d), seed=seed)
+@pytest.mark.parametrize("law, expected", [(over_law, "cm_over"), (smax_law, "nd_smax")])
+def test_cross_validation_picks_the_richer_form_on_its_own_data(law, expected, seed):
+    n, d = eight_sizes()
+    loss = noisy(law(n, d), seed=seed)
     fitted = n < n.max()
     result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
-    assert result.form == "cm_over" and "smallest cross-validated error" in result.reason, result.reason
+    assert result.form == expected and "smallest cross-validated error" in result.reason, result.reason
     assert set(result.cv_errors) == {FORMS[f].label for f in ND_FORMS}
-    assert np.all(np.abs(result.predicted / over_law(n, d)[~fitted] - 1) < 0.005)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_cross_validation_picks_the_smooth_maximum_on_its_own_data(seed):
-    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
-    d = n * np.tile([5.0, 40.0, 320.0], 8)
-    loss = noisy(smax_law(n, d), seed=seed)
-    fitted = n < n.max()
-    result = forecast({"params": n, "tokens": d}, loss, n, fitted, ND_FORMS)
-    assert result.form == "nd_smax", result.reason
-    assert np.all(np.abs(result.predicted / smax_law(n, d)[~fitted] - 1) < 0.005)
+    assert np.all(np.abs(result.predicted / law(n, d)[~fitted] - 1) < 0.005)
 
 
 def test_a_form_short_of_points_on_every_fold_does_not_switch_the_cross_validation_off():
@@ -116,8 +110,7 @@ def test_a_form_short_of_points_on_every_fold_does_not_switch_the_cross_validati
 def test_forms_degenerate_on_every_fold_do_not_block_the_choice():
     # γ = 0.3 > η: at fixed N the loss rises with D, which neither Chinchilla form can follow (both fits are
     # degenerate on every fold); the over-training form is still chosen on its folds rather than by default.
-    n = np.repeat(np.geomspace(1e7, 3e9, 8), 3)
-    d = n * np.tile([5.0, 40.0, 320.0], 8)
+    n, d = eight_sizes()
     result = forecast({"params": n, "tokens": d}, over_law(n, d, 0.3), n, n < n.max(), ND_FORMS)
     assert result.form == "cm_over" and result.folds > 0, result.reason
     assert result.cv_errors[FORMS["nd_sum"].label] is None and result.cv_errors[FORMS["nd_tied"].label] is None
