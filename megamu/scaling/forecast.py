@@ -109,6 +109,10 @@ class Variant:
     options: FitOptions
     min_ratio: float = 0.0  # leave out fitted runs with fewer tokens per parameter (0: keep every run)
 
+    def kept(self, ratio: Optional[np.ndarray], runs: int) -> np.ndarray:
+        """Mask of the `runs` runs (tokens per parameter `ratio`, None without params and tokens) it may fit."""
+        return np.ones(runs, dtype=bool) if self.min_ratio == 0 else ratio >= self.min_ratio
+
 
 def cross_validate(form: Form, columns: dict, loss: np.ndarray, bins: np.ndarray, options: FitOptions,
                    keep: Optional[np.ndarray] = None, scored: Optional[np.ndarray] = None) -> dict:
@@ -174,7 +178,7 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
                 for o in ((options,) if isinstance(options, FitOptions) else options) for name in candidates]
     with_options = len({v.options for v in variants}) > 1
     folds = {v: cross_validate(FORMS[v.form], fit_columns, loss[fitted], bins, v.options,
-                               None if v.min_ratio == 0 else fit_ratio >= v.min_ratio, scored) for v in variants}
+                               v.kept(fit_ratio, len(bins)), scored) for v in variants}
     competing = _competing(variants, folds, bins, fit_ratio)
     uncompared = [_label(v, with_options) for v in variants if v not in competing]
     common = sorted(set.intersection(*(set(folds[v]) for v in competing)))[-MAX_FOLDS:]
@@ -188,7 +192,7 @@ def forecast(columns: dict, loss: Sequence[float], size: Sequence[float], fitted
     while True:  # the choice refitted on every fitted run; one that is degenerate there gives way to the next
         chosen, reason = _choose([v for v in competing if v not in refused], per_fold, spread, with_options)
         form = FORMS[chosen.form]
-        used = fitted if chosen.min_ratio == 0 else fitted & (ratio >= chosen.min_ratio)
+        used = fitted & chosen.kept(ratio, len(loss))
         try:
             fit = fit_form(form, design(form, _subset(columns, used)), loss[used], chosen.options.huber,
                            chosen.options.starts)
@@ -220,11 +224,10 @@ def _competing(variants: list, folds: dict, bins: np.ndarray, ratio: Optional[np
     largest fold had the points it needs, it is degenerate on these runs and left out; if not, it is short of
     runs, and it is left out when at least two others can be compared, else the comparison is not possible and
     every variant stays, so that none is common to all folds and the first (the classic form) is the default."""
-    def largest_fold(v: Variant) -> int:
-        return int(((bins < bins.max()) & (True if v.min_ratio == 0 else ratio >= v.min_ratio)).sum())
-
+    largest_fold = bins < bins.max()
     fitted = [v for v in variants if folds[v]]
-    short = [v for v in variants if not folds[v] and FORMS[v.form].min_points > largest_fold(v)]
+    short = [v for v in variants
+             if not folds[v] and FORMS[v.form].min_points > (largest_fold & v.kept(ratio, len(bins))).sum()]
     if len(fitted) >= 2 or not short:
         return fitted or list(variants)
     return [v for v in variants if v in fitted or v in short]
