@@ -42,6 +42,7 @@ from scipy import optimize, signal
 
 from megamu.config import ConfigError, TrainConfig, load_config
 from megamu.errors import FitError
+from megamu.scaling.forms import log_smooth_max
 from megamu.scaling.runs import read_metrics, run_seed
 from megamu.training.metrics import METRICS_FILE
 from megamu.training.schedule import base_lr
@@ -78,6 +79,10 @@ class Curve:
         """Mask of the records past the warm-up (the ones fitted and scored)."""
         return self.updates >= max(self.warmup_steps, 1)
 
+    def measurable(self) -> bool:
+        """At least 2 records past the warm-up: what a fit, or a run's offset from one, needs."""
+        return int(self.after_warmup().sum()) >= 2
+
     def prefix(self, fraction: float) -> "Curve":
         """The records of the first `fraction` of the run's schedule (what an early forecast sees)."""
         keep = self.updates <= fraction * len(self.lrs)
@@ -106,9 +111,8 @@ def _law(theta: np.ndarray, n: np.ndarray, s1: np.ndarray, s2: np.ndarray) -> np
     E, B, A, C, beta, alpha, _, log_q = theta[:len(PARAM_NAMES)]
     q = math.exp(log_q)
     size, training = B * n ** -beta, A * np.maximum(s1, 1e-12) ** -alpha
-    larger = np.maximum(np.maximum(size, training), 1e-300)  # divided out, so that x^q cannot overflow
-    combined = larger * ((size / larger) ** q + (training / larger) ** q) ** (1.0 / q)
-    return E + combined - C * s2
+    combined, _ = log_smooth_max(np.log(np.maximum(np.stack([size, training], axis=-1), 1e-300)), q)
+    return E + np.exp(combined) - C * s2
 
 
 @dataclass
@@ -201,7 +205,7 @@ def fit_curves(curves: Sequence[Curve]) -> CurveFit:
         raise FitError(f"the whole-curve fit needs runs at {MIN_SIZES} or more sizes, got {len(curves)} run(s) at "
                        f"{len(sizes)} size(s) ({', '.join(f'{s:.4g}' for s in sizes) or 'none'}): add rungs")
     for c in curves:
-        if c.after_warmup().sum() < 2:
+        if not c.measurable():
             raise FitError(f"run {c.name} has fewer than 2 records after its {c.warmup_steps} warm-up steps: "
                            "log more often (log.interval for train losses, train.eval_interval for validation losses) "
                            "or drop the run")

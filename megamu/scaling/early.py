@@ -35,11 +35,11 @@ MIN_GAP = 0.3  # e-folds between the ladder's two largest sizes for the drift to
 
 def log_offset(fit: CurveFit, curve: Curve) -> float:
     """Mean log(actual / trend) over the second half of the curve's records past warm-up."""
-    mask = curve.after_warmup()
-    if mask.sum() < 2:
+    if not curve.measurable():
         raise FitError(f"run {curve.name} has fewer than 2 records past its {curve.warmup_steps} warm-up steps "
                        "so far: wait for more of the run, or log more often (log.interval for train losses, "
                        "train.eval_interval for validation losses)")
+    mask = curve.after_warmup()
     late = np.flatnonzero(mask)[mask.sum() // 2:]
     return float(np.mean(np.log(curve.loss[late] / fit.predict_curve(curve)[late])))
 
@@ -86,8 +86,8 @@ def extrapolation_drift(fitted: Sequence[Curve], curve: Curve, spread: float) ->
         return Drift(None, why_not=f"the ladder's two largest sizes are {math.exp(gap):.2f}x apart, too close to "
                                    f"measure it (at least {math.exp(MIN_GAP):.2f}x)")
     seen = float(curve.updates[-1]) / len(curve.lrs)
-    largest = [c.prefix(seen) for c in fitted if c.params == sizes[-1]]
-    largest = [c for c in largest if c.after_warmup().sum() >= 2]
+    prefixes = (c.prefix(seen) for c in fitted if c.params == sizes[-1])
+    largest = [c for c in prefixes if c.measurable()]
     if not largest:
         return Drift(None, why_not=f"the ladder's largest size has too few records over the first {seen:.0%} of "
                                    "its schedule")

@@ -127,14 +127,19 @@ def _log_terms(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
     return log_e, np.minimum(log_amps[None, :] - log_z @ form.exponent_matrix(alphas).T, 700.0)
 
 
+def log_smooth_max(u: np.ndarray, q: float) -> tuple:
+    """(S, w) over the last axis of the log terms u: S = log (Σ_k e^(q·u_k))^(1/q), the terms' smooth maximum of
+    order q (their sum at q = 1), and w = ∂S/∂u, each term's weight in it (its share of the sum at q = 1)."""
+    top = u.max(axis=-1, keepdims=True)  # divided out, so that e^(q·u) cannot overflow
+    combined = (top + np.log(np.exp(q * (u - top)).sum(axis=-1, keepdims=True)) / q)[..., 0]
+    return combined, np.exp(q * (u - combined[..., None]))
+
+
 def _combined(form: Form, theta: np.ndarray, log_z: np.ndarray) -> tuple:
-    """(log E or None, log terms u, weights w = ∂S/∂u, S = log of the terms' combination (Σ e^(q·u))^(1/q)):
-    the plain sum at q = 1, whose weights are each term's share of it."""
+    """(log E or None, log terms u, weights w = ∂S/∂u, S = log of the terms' combination)."""
     log_e, u = _log_terms(form, theta, log_z)
-    q = form.q(theta)
-    top = u.max(axis=1, keepdims=True)  # divided out, so that e^(q·u) cannot overflow
-    combined = (top + np.log(np.exp(q * (u - top)).sum(axis=1, keepdims=True)) / q)[:, 0]
-    return log_e, u, np.exp(q * (u - combined[:, None])), combined
+    combined, weights = log_smooth_max(u, form.q(theta))
+    return log_e, u, weights, combined
 
 
 def log_model(form: Form, theta: np.ndarray, log_z: np.ndarray) -> np.ndarray:
